@@ -1,0 +1,706 @@
+"""What every method shares: the environment, not the algorithm.
+
+Stable Diffusion loading (hub id, local folder, or the offline `tiny` model), LoRA, prompt encoding,
+the classifier-free-guidance forward, the DDIM(eta) step with its log-probability, the sampler, rewards,
+prompt sets, image grids, logging, torch.distributed helpers and checkpoint I/O.
+
+Nothing here asks which algorithm is running: advantages, losses, optimisers and the epoch loop live
+in the scripts. The notation follows ALGORITHMS.md section 0 (Black et al. 2023, arXiv 2305.13301):
+denoising is an MDP whose action at timestep t is x_{t'} (t' the previous timestep on the inference
+grid) and whose policy is the Gaussian of one DDIM(eta) step.
+"""
+
+import contextlib
+import dataclasses
+import gzip
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+# The hub id of Stable Diffusion 1.5 (the original `runwayml/...` repository was withdrawn in 2024;
+# this is its maintained mirror with the same weights).
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Offline stand-ins: same architecture classes, built from configs with seeded random weights.
+TINY = "tiny"  # a few hundred thousand UNet parameters, 32x32 images: tests and CPU demos
+SD15_RANDOM = "sd15-random"  # Stable Diffusion 1.5's exact shapes and cost: speed and memory benchmarks
+
+
+def fail(message: str):
+    """Stop with one line on stderr and a non-zero exit (the one way bad input is reported)."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def clip_tokenizer():
+    """The CLIP BPE tokenizer of Stable Diffusion 1.x, built without the network.
+
+    open_clip ships the BPE merges (`bpe_simple_vocab_16e6.txt.gz`); the vocabulary is derived from
+    them exactly as CLIP does it: 256 byte symbols, the same with `</w>`, one entry per merge, then the
+    two special tokens (ids 49406 and 49407). transformers' CLIPTokenizer reads the same two files.
+    """
+    import open_clip.tokenizer as oct
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(oct.default_bpe(), "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    symbols = list(oct.bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(Path(tmp, "vocab.json").as_posix(), Path(tmp, "merges.txt").as_posix(), pad_token="<|endoftext|>", model_max_length=77)
+
+
+def ddim_scheduler(config=None):
+    """A DDIMScheduler with Stable Diffusion 1.x's schedule, or from a model's scheduler config.
+
+    `clip_sample=False` is forced: a config without the key (SD's PNDM config has it, others do not)
+    would default to clamping x0 to [-1, 1], which is wrong for latents. `steps_offset`,
+    `timestep_spacing` and `set_alpha_to_one` come from the model's config.
+    """
+    from diffusers import DDIMScheduler
+
+    if config is None:
+        config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    return DDIMScheduler.from_config(config, clip_sample=False)
+
+
+def _offline_pipeline(name: str, seed: int):
+    """Stable Diffusion built from configs with seeded random weights, without touching the network."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tiny = name == TINY
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4) if tiny else \
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4,
+        ) if tiny else UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8, sample_size=32,
+        ) if tiny else AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=512,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=text["hidden_size"],
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **text))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_pipeline(
+    model: str,
+    device: Union[str, torch.device] = "cpu",
+    mixed_precision: str = "no",
+    lora_rank: int = 4,
+    lora_alpha: Optional[float] = None,
+    lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    gradient_checkpointing: bool = False,
+    compile: bool = False,
+    seed: int = 0,
+):
+    """Load Stable Diffusion for RL fine-tuning and make its UNet trainable.
+
+    `model`: a hub id, a local folder in diffusers' layout, `tiny` or `sd15-random` (offline stand-ins,
+    deterministic for `seed`). The VAE and text encoder are frozen and cast to the `mixed_precision`
+    dtype. With `lora_rank > 0` the UNet is frozen too and peft LoRA adapters (zero-initialised B, so
+    the model starts exactly at the pretrained one) are attached to `lora_targets`, kept in float32;
+    with `lora_rank == 0` the whole UNet is trained in float32. Attention uses PyTorch's SDPA
+    (diffusers' default processor). `compile` wraps the UNet's forward in `torch.compile`.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if model in (TINY, SD15_RANDOM):
+        pipe = _offline_pipeline(model, seed)
+    else:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=DTYPES[mixed_precision],
+                                                           safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as e:  # not a folder, not in the cache, hub unreachable or id malformed
+            fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local "
+                 f"Hugging Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local folder.")
+        pipe.scheduler = ddim_scheduler(pipe.scheduler.config)
+    dtype = DTYPES[mixed_precision]
+    pipe.set_progress_bar_config(disable=True)
+    for frozen in (pipe.vae, pipe.text_encoder) + ((pipe.unet,) if lora_rank > 0 else ()):
+        frozen.requires_grad_(False).to(device)
+        if dtype != frozen.dtype:
+            frozen.to(dtype)
+    unet = pipe.unet
+    if lora_rank > 0:
+        from peft import LoraConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # LoRA's A matrices are random: seed them
+            unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
+                                        target_modules=list(lora_targets)))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable weights stay in float32 under mixed precision
+    else:
+        unet.requires_grad_(True).to(device, torch.float32)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if compile:
+        unet.compile()
+    # The DDIM step indexes these with device tensors: keep them on the device (no per-step copies).
+    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device)
+    pipe.scheduler.final_alpha_cumprod = pipe.scheduler.final_alpha_cumprod.to(device)
+    return pipe
+
+
+def trainable_parameters(module: torch.nn.Module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """Mixed precision context for UNet, VAE and text encoder calls (a no-op for `no`)."""
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[mixed_precision], enabled=mixed_precision != "no")
+
+
+def speed_flags(device: torch.device):
+    """TF32 matmuls and cuDNN autotuning on GPU: free speed with no effect on the algorithm."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The pretrained model's prediction: the same UNet with its LoRA adapters switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt encoding, the CFG forward and the DDIM step with its log-probability
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """CLIP text embeddings, padded to the tokenizer's 77 tokens: (B, 77, D)."""
+    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def guided_noise(unet, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
+    """eps_hat = eps(x_t, t, 0) + w * (eps(x_t, t, c) - eps(x_t, t, 0)), both halves in ONE UNet call.
+
+    `t` is a scalar or a (B,) tensor (training evaluates a different timestep per sample);
+    `neg_embeds` is the empty-prompt embedding, (1, 77, D) or (B, 77, D). With w = 1 there is nothing
+    to guide and a single conditional call is made. Returns float32 (B, C, h, w).
+    """
+    b = latents.shape[0]
+    t = torch.as_tensor(t, device=latents.device).expand(b)
+    if guidance == 1.0:
+        return unet(latents, t, encoder_hidden_states=embeds).sample.float()
+    eps = unet(torch.cat([latents, latents]), torch.cat([t, t]),
+               encoder_hidden_states=torch.cat([neg_embeds.expand(b, -1, -1), embeds])).sample.float()
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def gaussian_log_prob(x, mean, std):
+    """Per-sample MEAN over latent dimensions of log N(x; mean, std^2), in float32.
+
+    The mean (not the sum) is what every reference implementation uses and what makes PPO clip ranges
+    of 1e-4 meaningful.
+    """
+    x, mean, std = x.float(), mean.float(), std.float()
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def ddim_step(scheduler, eps, t, latents, *, num_steps: int, eta: float, prev_sample=None, noise=None):
+    """One DDIM(eta) step x_t -> x_{t'} with its log-probability (ALGORITHMS.md section 0, steps 2-6).
+
+    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                       (no clipping: latents)
+    sigma  = eta * sqrt((1 - a_t') / (1 - a_t)) * sqrt(1 - a_t / a_t')
+    mu     = sqrt(a_t') x0_hat + sqrt(1 - a_t' - sigma^2) eps;   x_{t'} = mu + sigma z
+    with a = alphas_cumprod, t' = t - 1000 // num_steps, and `final_alpha_cumprod` past the first
+    training timestep (SD 1.x: `set_alpha_to_one=False`, so sigma stays > 0 at the last step).
+
+    Sampling passes the noise z; training passes the stored `prev_sample` and gets its log-probability
+    under the current eps. `t` may be a scalar or (B,). All arithmetic is float32. With eta = 0 the
+    step is deterministic and the log-probability is undefined: zeros are returned.
+    Returns (x_{t'}, log_prob (B,), x0_hat).
+    """
+    eps, latents = eps.float(), latents.float()
+    b = latents.shape[0]
+    t = torch.as_tensor(t, device=latents.device).long().expand(b)
+    prev_t = t - scheduler.config.num_train_timesteps // num_steps
+    alphas = scheduler.alphas_cumprod
+    a_t = alphas[t].view(b, 1, 1, 1)
+    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod).view(b, 1, 1, 1)
+    x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    if prev_sample is None:
+        prev_sample = mean if eta == 0 else mean + std * noise
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std) if eta > 0 else latents.new_zeros(b)
+    return prev_sample, log_prob, x0
+
+
+def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_steps, guidance, eta):
+    """The training path: log pi_theta(x_{t'} | x_t, c) of STORED transitions under the current weights.
+
+    Same guided eps and same w as sampling (DDPO: training without CFG degrades quickly).
+    Returns (log_prob (B,), eps_hat (B, C, h, w)) so that methods with a KL term can reuse eps_hat.
+    """
+    eps = guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance)
+    _, log_prob, _ = ddim_step(pipe.scheduler, eps, t, latents, num_steps=num_steps, eta=eta, prev_sample=next_latents)
+    return log_prob, eps
+
+
+@dataclasses.dataclass
+class Trajectories:
+    latents: torch.Tensor  # (B, T+1, C, h, w): x_T, ..., x_0 (float32)
+    timesteps: torch.Tensor  # (T,): the timestep t of each step, from noisy to clean
+    log_probs: torch.Tensor  # (B, T): log pi(x_{t'} | x_t, c) of each sampled step (float32)
+    images: Optional[torch.Tensor]  # (B, 3, H, W) decoded x_0 in [0, 1] (float32), None if not decoded
+    pred_x0: Optional[torch.Tensor] = None  # (B, T, C, h, w): Tweedie x0_hat at every step, on request
+
+
+def draw_noise(shape, generator, device) -> torch.Tensor:
+    """Gaussian noise of `shape` from one generator, or one row per generator from a list of them."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def sample_generators(seed: int, epoch: int, indices: Sequence[int], device) -> list:
+    """One generator per sample, a pure function of (seed, epoch, global sample index).
+
+    This makes every run reproducible and resumable without saving RNG state, and makes the samples
+    independent of how a batch is split across processes (1 x 2b and 2 x b draw the same noise).
+    """
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + i) for i in indices]
+
+
+@torch.no_grad()
+def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: float, generator=None,
+           latents=None, return_pred_x0: bool = False, decode: bool = True) -> Trajectories:
+    """Sample B trajectories with DDIM(eta), storing every x_t and every step's log-probability.
+
+    All the noise (x_T and one z per step) is drawn up front from `generator` (one, or a list of B),
+    so the timestep loop makes no RNG calls and no host syncs. `latents` overrides x_T.
+    """
+    unet, scheduler, device = pipe.unet, pipe.scheduler, embeds.device
+    b, c, h = embeds.shape[0], unet.config.in_channels, unet.config.sample_size
+    noise = draw_noise((b, num_steps + 1, c, h, h), generator, device)  # (B, T+1, C, h, w)
+    scheduler.set_timesteps(num_steps, device=device)
+    x = (noise[:, 0] if latents is None else latents.float()) * scheduler.init_noise_sigma
+    xs, log_probs, x0s = [x], [], []
+    for i, t in enumerate(scheduler.timesteps):
+        eps = guided_noise(unet, x, t, embeds, neg_embeds, guidance)
+        x, log_prob, x0 = ddim_step(scheduler, eps, t, x, num_steps=num_steps, eta=eta, noise=noise[:, i + 1])
+        xs.append(x)
+        log_probs.append(log_prob)
+        if return_pred_x0:
+            x0s.append(x0)
+    return Trajectories(
+        latents=torch.stack(xs, dim=1),
+        timesteps=scheduler.timesteps.clone(),
+        log_probs=torch.stack(log_probs, dim=1),
+        images=decode_latents(pipe, x) if decode else None,
+        pred_x0=torch.stack(x0s, dim=1) if return_pred_x0 else None,
+    )
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents) -> torch.Tensor:
+    """VAE decode to float32 images in [0, 1]: (B, 3, H, W)."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards: f(images (B, 3, H, W) in [0, 1], prompts) -> (B,) float32 tensor on the images' device
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor):
+    """(B, 3, H, W) floats in [0, 1] -> list of HxWx3 uint8 PIL images (one host copy for the batch)."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def jpeg_size_kb(images, prompts=None) -> torch.Tensor:
+    """JPEG file size in kB at quality 95 (DDPO's compressibility measure)."""
+    sizes = []
+    for im in to_uint8(images):
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=95)
+        sizes.append(buf.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+def jpeg_compressibility(images, prompts=None):
+    """DDPO: r = -(JPEG size in kB). Smaller files score higher."""
+    return -jpeg_size_kb(images)
+
+
+def jpeg_incompressibility(images, prompts=None):
+    """DDPO: r = +(JPEG size in kB). Larger files score higher."""
+    return jpeg_size_kb(images)
+
+
+# The toy reward's palette: the prompt names a colour; the image should have that mean colour.
+COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
+          "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+
+
+def prompt_color(prompt: str) -> tuple:
+    for word in prompt.lower().replace(",", " ").split():
+        if word in COLORS:
+            return COLORS[word]
+    fail(f"the color reward needs prompts that name one of {sorted(COLORS)}; {prompt!r} names none "
+         f"(use --prompts colors or a prompt file with colour names)")
+
+
+def color(images, prompts):
+    """Toy, weight-free, prompt-dependent reward for CPU demos and learning tests.
+
+    r = 1 - ||mean RGB of the image - RGB of the colour named in the prompt|| / sqrt(3), in [0, 1].
+    """
+    target = torch.tensor([prompt_color(p) for p in prompts], dtype=torch.float32, device=images.device)
+    return 1 - (images.float().mean(dim=(2, 3)) - target).norm(dim=1) / math.sqrt(3)
+
+
+class AestheticMLP(torch.nn.Module):
+    """The LAION aesthetic predictor head (improved-aesthetic-predictor, `sac+logos+ava1-l14-linearMSE`):
+    768 -> 1024 -> 128 -> 64 -> 16 -> 1 on the L2-normalised CLIP ViT-L/14 image embedding. The layer
+    indices match the published state dict (dropouts sit between the linear layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+    def forward(self, embed):
+        return self.layers(embed)
+
+
+class AestheticReward:
+    """r = MLP(CLIP image embedding / ||.||), about 1-10 for real images."""
+
+    def __init__(self, clip_model, mlp: AestheticMLP, image_size: int = 224):
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        self.clip, self.mlp, self.size = clip_model.eval().requires_grad_(False), mlp.eval().requires_grad_(False), image_size
+        dev = next(clip_model.parameters()).device
+        self.mean = torch.tensor(OPENAI_DATASET_MEAN, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(OPENAI_DATASET_STD, device=dev).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts=None):
+        import torch.nn.functional as F
+
+        x = images.float().to(self.mean.device)
+        h, w = x.shape[-2:]
+        scale = self.size / min(h, w)  # CLIP's preprocessing: resize the short side, centre crop, normalise
+        x = F.interpolate(x, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
+                          mode="bicubic", align_corners=False, antialias=True)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = (x[..., top : top + self.size, left : left + self.size].clamp(0, 1) - self.mean) / self.std
+        embed = self.clip.encode_image(x).float()
+        return self.mlp(embed / embed.norm(dim=-1, keepdim=True)).squeeze(-1).to(images.device)
+
+
+# The predictor's weights as TRL's DDPO example publishes them on the hub (same state dict).
+AESTHETIC_HUB = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
+
+
+def aesthetic(device, weights: Optional[str] = None):
+    """The LAION aesthetic reward: open_clip ViT-L/14 (OpenAI weights) + the MLP head.
+
+    `weights`: a local `.pth`/`.safetensors` of the MLP, or None for the hub copy. Weights load with
+    `weights_only=True` (no pickle).
+    """
+    import open_clip
+
+    try:
+        clip_model = open_clip.create_model("ViT-L-14", pretrained="openai", device=device)
+        if weights is None:
+            from huggingface_hub import hf_hub_download
+
+            weights = hf_hub_download(*AESTHETIC_HUB)
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to fetch or read weights is the same user error
+        fail(f"the aesthetic reward's weights could not be loaded ({type(e).__name__}: {str(e)[:120]}); "
+             f"pass a local file with --aesthetic-weights or use --reward color offline")
+    mlp = AestheticMLP()
+    mlp.load_state_dict(state)
+    return AestheticReward(clip_model, mlp.to(device))
+
+
+REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "color")
+
+
+def make_reward(name: str, device, aesthetic_weights: Optional[str] = None) -> Callable:
+    if name == "aesthetic":
+        return aesthetic(device, aesthetic_weights)
+    if name not in REWARDS:
+        fail(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}")
+    return globals()[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------
+
+PROMPT_SETS = {
+    # Common animals, in the spirit of DDPO's `simple_animals` prompt set.
+    "simple_animals": [
+        "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat",
+        "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish",
+        "shark", "whale", "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck",
+        "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+    ],
+    # The toy set for the `color` reward: each prompt names the colour the image should have.
+    "colors": ["a red image", "a green image", "a blue image", "a yellow image"],
+}
+
+
+def load_prompts(name: str, prompt_file: Optional[str] = None) -> list:
+    """A built-in prompt set, or one prompt per non-empty line of `prompt_file` (which wins)."""
+    if prompt_file is not None:
+        try:
+            lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read prompt file {prompt_file!r} ({type(e).__name__}); give a UTF-8 text file, one prompt per line")
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            fail(f"prompt file {prompt_file!r} holds no prompts; write one prompt per line")
+        return prompts
+    if name not in PROMPT_SETS:
+        fail(f"unknown prompt set {name!r}; choose one of {', '.join(PROMPT_SETS)} or pass --prompt-file")
+    return list(PROMPT_SETS[name])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed data parallel (torchrun), logging, images, progress
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str] = None) -> Dist:
+    """One process per device under `torchrun` (NCCL on GPU, gloo on CPU); a plain run is world size 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu") if device in (None, "cuda") else torch.device(device)
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    return Dist(rank=dist.get_rank() if world > 1 else 0, world_size=world, device=dev)
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every process in rank order (identity on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def average_gradients(params):
+    """All-reduce the accumulated gradients to their mean over processes (what DDP does, once per step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])  # one collective, not one per tensor
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_flag(flag: bool, device) -> bool:
+    """True on every process if it is True on any (used to stop all processes together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Logger:
+    """TensorBoard (and wandb with `track`) on the main process; a no-op on the others."""
+
+    def __init__(self, run_dir: Path, config: dict, enabled: bool, track: bool = False, project: str = "diffusion-rl"):
+        self.enabled, self.wandb = enabled, None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if track:
+            import wandb
+
+            self.wandb = wandb.init(project=project, name=run_dir.name, config=config, sync_tensorboard=True, dir=str(run_dir))
+        self.writer = SummaryWriter(str(run_dir))
+        rows = "\n".join(f"|{k}|{v}|" for k, v in config.items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+
+    def scalars(self, values: dict, step: int):
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def image(self, tag: str, image: Image.Image, step: int):
+        if self.enabled:
+            import numpy as np
+
+            self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+    def close(self):
+        if self.enabled:
+            self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def image_grid(images: torch.Tensor, captions: Sequence[str] = (), ncols: int = 8, size: int = 128) -> Image.Image:
+    """Tile images (B, 3, H, W) in [0, 1] into a grid, each with a caption line under it."""
+    pils = [im.resize((size, size), Image.NEAREST if im.width < size else Image.BICUBIC) for im in to_uint8(images)]
+    ncols = min(ncols, len(pils))
+    nrows, cap = math.ceil(len(pils) / ncols), 14 if captions else 0
+    grid = Image.new("RGB", (ncols * size, nrows * (size + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(pils):
+        x, y = (i % ncols) * size, (i // ncols) * (size + cap)
+        grid.paste(im, (x, y))
+        if captions:
+            draw.text((x + 2, y + size + 1), str(captions[i])[: size // 6], fill="black")
+    return grid
+
+
+def progress(iterable=None, enabled: bool = True, **kwargs):
+    """A tqdm bar on the main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: LoRA (or full UNet) weights in diffusers' format + a training-state file, written atomically
+# ----------------------------------------------------------------------------------------------------
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+STATE_FILE = "training_state.pt"
+
+
+def save_checkpoint(path: Union[str, Path], unet, state: dict):
+    """Write `path/` = LoRA weights (loadable by `pipe.load_lora_weights(path)`) + training state.
+
+    Everything is written into `path.tmp/` and renamed into place only when complete, so a save that
+    is interrupted never leaves a half-written checkpoint and never destroys an earlier one.
+    Tensors go to safetensors; the training state (optimizer, epoch, statistics) is a torch file of
+    tensors and plain containers that loads with `weights_only=True`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if getattr(unet, "peft_config", None):
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    else:
+        save_file({k: v.contiguous().cpu() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+    torch.save(state, tmp / STATE_FILE)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Union[str, Path], unet) -> dict:
+    """Load weights into `unet` (in place, exactly) and return the training state; fail in one line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        if getattr(unet, "peft_config", None):
+            from diffusers.utils import convert_unet_state_dict_to_peft
+            from peft import set_peft_model_state_dict
+
+            weights = {k.removeprefix("unet."): v for k, v in load_file(path / LORA_FILE).items()}
+            result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+            if getattr(result, "unexpected_keys", None):
+                raise KeyError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
+        else:
+            unet.load_state_dict(load_file(path / "unet.safetensors"))
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign checkpoint is one user error
+        fail(f"cannot resume from {str(path)!r}: not a complete checkpoint of this model ({type(e).__name__}: {str(e)[:100]})")
+
+
+def find_checkpoint(path: Union[str, Path]) -> Path:
+    """A checkpoint folder, or the newest one under a run folder's `checkpoints/`."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    found = sorted(p for p in (path / "checkpoints").glob("epoch_*") if not p.name.endswith((".tmp", ".old")))
+    if not found:
+        fail(f"no checkpoint found at {str(path)!r}: give a checkpoint folder or a run folder that has checkpoints/")
+    return found[-1]
