@@ -1,0 +1,286 @@
+# LOOP: leave-one-out PPO (Gupta et al. 2025, arXiv 2503.00897), derived from ppo.py: diff ppo.py loop.py
+"""LOOP: PPO for diffusion with REINFORCE's leave-one-out baseline.
+
+Everything is ppo.py's (DDPO_IS: per-step Gaussian policy, clipped importance-sampled loss with CFG in
+training) except the advantage: K trajectories are sampled per prompt and each image's advantage is its
+reward minus the mean reward of the other K - 1 images of the same prompt, computed after rewards are
+gathered across processes. No value network and no running per-prompt statistics. Lines that differ
+from ppo.py are marked `# LOOP`.
+
+    python loop.py --k 4 --clip 1e-4                                # SD 1.5, JPEG compressibility, GPU
+    python loop.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2
+    torchrun --nproc_per_node 8 loop.py --k 4 --reward aesthetic --prompts simple_animals
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # --- experiment
+    exp_name: str = Path(__file__).stem
+    """the name of this experiment (the run folder is runs/{exp_name}__{seed}__{time} unless --run-name)"""
+    run_name: Optional[str] = None
+    """run folder name under --output-dir (default: {exp_name}__{seed}__{unix time})"""
+    output_dir: str = "runs"
+    """where run folders (TensorBoard events, images, checkpoints) are written"""
+    seed: int = 42
+    """seed of every random draw (prompts, noise, shuffles): runs are reproducible and resumable"""
+    num_epochs: int = 100
+    """epochs of sampling then training"""
+    save_every: int = 20
+    """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
+    image_every: int = 10
+    """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
+    resume: Optional[str] = None
+    """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project: str = "diffusion-rl"
+    """the wandb project with --track"""
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda if available; under torchrun one GPU per process)"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: bf16 on GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute UNet activations in the backward pass: less memory, ~30% slower"""
+    compile: bool = False
+    """torch.compile the UNet"""
+    # --- model and sampler
+    model: str = common.SD15
+    """hub id or local diffusers folder; `tiny` is an offline random model for CPU runs and tests"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
+    lora_alpha: Optional[float] = None
+    """LoRA alpha (default: the rank, i.e. scale 1)"""
+    num_steps: int = 50
+    """DDIM steps T per trajectory"""
+    eta: float = 1.0
+    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities"""
+    guidance: float = 5.0
+    """classifier-free guidance scale w, used in sampling and in training"""
+    sample_batch_size: int = 8
+    """images per sampling call per process"""
+    num_batches_per_epoch: int = 4
+    """sampling calls per epoch per process"""
+    # --- reward and prompts
+    reward: str = "jpeg_compressibility"
+    """jpeg_compressibility, jpeg_incompressibility, aesthetic, or color (the offline toy reward, with --prompts colors)"""
+    aesthetic_weights: Optional[str] = None
+    """local weights of the LAION aesthetic MLP (default: from the hub)"""
+    prompts: str = "simple_animals"
+    """built-in prompt set: simple_animals or colors"""
+    prompt_file: Optional[str] = None
+    """a text file with one prompt per line (overrides --prompts)"""
+    # --- algorithm
+    k: int = 4  # LOOP
+    """images per prompt in a sampling batch: the leave-one-out group (at least 2)"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.999
+    """AdamW beta2"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    train_batch_size: int = 4
+    """trajectories per training minibatch per process"""
+    gradient_accumulation_steps: int = 2
+    """minibatches per optimiser step (each contributes all its trained timesteps)"""
+    num_inner_epochs: int = 1
+    """passes over each epoch's samples"""
+    timestep_fraction: float = 1.0
+    """train on this fraction of each trajectory's steps (a random subset per trajectory)"""
+    clip: float = 1e-4
+    """PPO clip range epsilon on the per-step ratio"""
+    normalize_advantages: bool = False  # LOOP
+    """also divide each group's advantages by the std of its K rewards (+1e-6); whether the paper does is not known"""
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, k: int, normalize: bool = False) -> torch.Tensor:  # LOOP
+    """A_i = r_i - 1/(K-1) sum_{j != i} r_j over consecutive groups of K images of the same prompt,
+    optionally divided by the group's reward std (population std, +1e-6)."""
+    groups = rewards.view(-1, k)
+    advantages = groups - (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    if normalize:
+        advantages = advantages / (groups.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
+    return advantages.flatten()
+
+
+def policy_loss(log_prob, old_log_prob, advantages, clip: float):
+    """PPO's clipped surrogate per step: mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))),
+    rho = exp(log pi_theta - log pi_old). Returns (loss, approx_kl, clipfrac), DDPO's diagnostics:
+    approx_kl = mean((log pi_theta - log pi_old)^2) / 2, clipfrac = mean(|rho - 1| > eps)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+    approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    clipfrac = ((ratio - 1).abs() > clip).float().mean()
+    return loss, approx_kl.detach(), clipfrac
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    dist = common.setup_distributed(args.device)
+    device, main = dist.device, dist.is_main
+    precision = common.resolve_precision(args.mixed_precision, device)
+    samples_per_process = args.sample_batch_size * args.num_batches_per_epoch
+    images_per_epoch = samples_per_process * dist.world_size
+    minibatches = samples_per_process // args.train_batch_size
+    steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
+    num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
+    if args.k < 2:  # LOOP
+        common.fail(f"--k {args.k}: LOOP needs at least two images per prompt for a leave-one-out baseline; use --k 2 or more")
+    if args.sample_batch_size % args.k:
+        common.fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
+    if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
+        common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
+                    f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
+    if args.eta <= 0:
+        common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
+    common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
+                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
+                  f"trained timesteps per trajectory", enabled=main)
+
+    checkpoint = common.find_checkpoint(args.resume) if args.resume else None
+    run_dir = (Path(args.output_dir) / args.run_name if args.run_name else checkpoint.parent.parent if checkpoint
+               else Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    common.speed_flags(device)
+    torch.manual_seed(args.seed)
+
+    pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
+                                lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
+                                compile=args.compile, seed=args.seed)
+    reward_fn = common.make_reward(args.reward, device, args.aesthetic_weights)
+    prompts = common.load_prompts(args.prompts, args.prompt_file)
+    eval_prompts = prompts[:8]
+    neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
+    params = common.trainable_parameters(pipe.unet)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
+    start_epoch, global_step, reward_curve = 0, 0, []  # LOOP
+    if checkpoint:
+        state = common.load_checkpoint(checkpoint, pipe.unet)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # LOOP
+        common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+
+    def log_images(epoch: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+        if not main:
+            return
+        with common.autocast(device, precision):
+            images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **sample_kw)
+        grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
+        (run_dir / "images").mkdir(parents=True, exist_ok=True)
+        grid.save(run_dir / "images" / f"{tag}.png")
+        logger.image("images/eval", grid, epoch)
+        logger.scalars({"eval/reward_mean": rewards.mean()}, epoch)
+
+    if start_epoch == 0 and args.image_every > 0:
+        log_images(0, "before")
+    bar = common.progress(range(start_epoch, args.num_epochs), enabled=main, desc="epochs", initial=start_epoch,
+                          total=args.num_epochs)
+    for epoch in bar:
+        t0 = time.time()
+        # SAMPLING
+        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
+        # this process takes its slice, so the samples do not depend on how many processes share them.
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
+        first = dist.rank * samples_per_process
+        pipe.unet.eval()
+        batches = []
+        for b in range(args.num_batches_per_epoch):
+            lo = first + b * args.sample_batch_size
+            ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
+            texts = [prompts[i] for i in ids]
+            embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
+            with common.autocast(device, precision):
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw,
+                                     generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, embeds=embeds,
+                                rewards=reward_fn(traj.images, texts)))
+        samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
+        timesteps = traj.timesteps  # (T,), the same grid for every trajectory
+
+        # REWARDS AND ADVANTAGES
+        rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
+        if not torch.isfinite(rewards).all():
+            common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
+                        f"earlier checkpoints are intact: check the reward function and its inputs")
+        advantages = leave_one_out_advantages(rewards, args.k, args.normalize_advantages)  # LOOP: groups are whole here
+        samples["advantages"] = advantages[first : first + samples_per_process]  # LOOP
+        reward_curve.append(rewards.mean().item())
+
+        # TRAINING
+        pipe.unet.train()
+        info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
+        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
+        for inner in range(args.num_inner_epochs):
+            g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + inner * 4099 + dist.rank)
+            perm = torch.randperm(samples_per_process, generator=g, device=device)
+            # each trajectory trains on its own random order (and subset) of timesteps
+            step_perm = torch.argsort(torch.rand(samples_per_process, args.num_steps, generator=g, device=device), dim=1)
+            step_perm = step_perm[:, :num_train_timesteps]  # (N, T_train) step indices
+            for m in range(minibatches):
+                idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
+                steps = step_perm[idx]  # (b, T_train)
+                rows = idx[:, None]
+                latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
+                old_log_probs, adv, embeds = samples["log_probs"][rows, steps], samples["advantages"][idx], samples["embeds"][idx]
+                for j in range(num_train_timesteps):
+                    with common.autocast(device, precision):
+                        log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], timesteps[steps[:, j]],
+                                                           embeds, neg_embeds, **sample_kw)
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, j], adv, args.clip)
+                    scaler.scale(loss / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
+                    info["policy_loss"].append(loss.detach())
+                    info["approx_kl"].append(approx_kl)
+                    info["clipfrac"].append(clipfrac)
+                    if inner == 0 and m < args.gradient_accumulation_steps:
+                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, j]) - 1).abs().mean())
+                if (m + 1) % args.gradient_accumulation_steps == 0:
+                    common.average_gradients(params)
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+
+        # LOGGING AND CHECKPOINTS
+        metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
+        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(),
+                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
+                        "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
+                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
+        logger.scalars(metrics, global_step)
+        bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
+        last = epoch + 1 == args.num_epochs
+        if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
+            log_images(epoch + 1, "after" if last else f"epoch_{epoch + 1:04d}")
+        if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
+            if main:
+                common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
+                    "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "reward_curve": reward_curve})  # LOOP
+                common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+    if main:
+        common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
+                      f"outputs in {run_dir}")
+    logger.close()
