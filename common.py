@@ -135,8 +135,8 @@ def load_pipeline(
 ):
     """Load Stable Diffusion for RL fine-tuning and make its UNet trainable.
 
-    `model`: a hub id, a local folder in diffusers' layout, `tiny` or `sd15-random` (offline stand-ins,
-    deterministic for `seed`). The VAE and text encoder are frozen and cast to the `mixed_precision`
+    `model`: a hub id, a local folder in diffusers' layout, `tiny` or `sd15-random` (offline stand-ins
+    built with seed 0, so every run starts from the same "pretrained" model); `seed` seeds the LoRA init. The VAE and text encoder are frozen and cast to the `mixed_precision`
     dtype. With `lora_rank > 0` the UNet is frozen too and peft LoRA adapters (zero-initialised B, so
     the model starts exactly at the pretrained one) are attached to `lora_targets`, kept in float32;
     with `lora_rank == 0` the whole UNet is trained in float32. Attention uses PyTorch's SDPA
@@ -145,7 +145,7 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     if model in (TINY, SD15_RANDOM):
-        pipe = _offline_pipeline(model, seed)
+        pipe = _offline_pipeline(model, seed=0)  # the "pretrained" weights are the same for every run
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=DTYPES[mixed_precision],

@@ -168,12 +168,12 @@ if __name__ == "__main__":
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
+    reward_fn = common.make_reward(args.reward, device, args.aesthetic_weights)
+    prompts = common.load_prompts(args.prompts, args.prompt_file)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
-    reward_fn = common.make_reward(args.reward, device, args.aesthetic_weights)
-    prompts = common.load_prompts(args.prompts, args.prompt_file)
-    eval_prompts = prompts[:8]
+    eval_prompts = (prompts * 16)[:16]  # fixed prompts and noise for comparable grids and eval rewards
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(pipe.unet)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

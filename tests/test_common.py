@@ -93,8 +93,8 @@ def test_sampling_is_reproducible_and_split_invariant(tiny, embeds):
 def test_tiny_model_is_deterministic_and_save_load_round_trips(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    a = common._offline_pipeline("tiny", seed=3)
-    b = common._offline_pipeline("tiny", seed=3)
+    a = common._offline_pipeline("tiny", seed=0)
+    b = common._offline_pipeline("tiny", seed=0)
     c = common._offline_pipeline("tiny", seed=4)
     sa, sb = a.unet.state_dict(), b.unet.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -107,7 +107,7 @@ def test_tiny_model_is_deterministic_and_save_load_round_trips(tmp_path):
     assert loaded.tokenizer("a red cat").input_ids == a.tokenizer("a red cat").input_ids
     # our loader takes the folder too, and gives the same samples as the in-memory tiny model
     p1 = common.load_pipeline(str(tmp_path / "tiny"), lora_rank=0)
-    p2 = common.load_pipeline("tiny", lora_rank=0, seed=3)
+    p2 = common.load_pipeline("tiny", lora_rank=0, seed=3)  # the tiny weights do not depend on the run seed
     e1, e2 = common.encode_prompts(p1, ["a cat"]), common.encode_prompts(p2, ["a cat"])
     n1, n2 = common.encode_prompts(p1, [""]), common.encode_prompts(p2, [""])
     t1 = common.sample(p1, e1, n1, num_steps=3, guidance=5.0, eta=1.0, generator=torch.Generator().manual_seed(0))
