@@ -230,12 +230,20 @@ def guided_noise(unet, latents, t, embeds, neg_embeds, guidance: float) -> torch
     `neg_embeds` is the empty-prompt embedding, (1, 77, D) or (B, 77, D). With w = 1 there is nothing
     to guide and a single conditional call is made. Returns float32 (B, C, h, w).
     """
+    return _guided_noise(unet, latents, t, cfg_embeds(embeds, neg_embeds, guidance), guidance)
+
+
+def cfg_embeds(embeds, neg_embeds, guidance: float):
+    """The UNet's text conditioning for one CFG call: [empty prompt x B; prompts], (2B, 77, D)."""
+    return embeds if guidance == 1.0 else torch.cat([neg_embeds.expand(embeds.shape[0], -1, -1), embeds])
+
+
+def _guided_noise(unet, latents, t, both_embeds, guidance: float):
     b = latents.shape[0]
     t = torch.as_tensor(t, device=latents.device).expand(b)
     if guidance == 1.0:
-        return unet(latents, t, encoder_hidden_states=embeds).sample.float()
-    eps = unet(torch.cat([latents, latents]), torch.cat([t, t]),
-               encoder_hidden_states=torch.cat([neg_embeds.expand(b, -1, -1), embeds])).sample.float()
+        return unet(latents, t, encoder_hidden_states=both_embeds).sample.float()
+    eps = unet(torch.cat([latents, latents]), torch.cat([t, t]), encoder_hidden_states=both_embeds).sample.float()
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
@@ -331,8 +339,9 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
     scheduler.set_timesteps(num_steps, device=device)
     x = (noise[:, 0] if latents is None else latents.float()) * scheduler.init_noise_sigma
     xs, log_probs, x0s = [x], [], []
+    both_embeds = cfg_embeds(embeds, neg_embeds, guidance)  # concatenated once, not at every step
     for i, t in enumerate(scheduler.timesteps):
-        eps = guided_noise(unet, x, t, embeds, neg_embeds, guidance)
+        eps = _guided_noise(unet, x, t, both_embeds, guidance)
         x, log_prob, x0 = ddim_step(scheduler, eps, t, x, num_steps=num_steps, eta=eta, noise=noise[:, i + 1])
         xs.append(x)
         log_probs.append(log_prob)

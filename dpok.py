@@ -1,0 +1,370 @@
+# DPOK (arXiv 2305.16381), derived from ppo.py: diff ppo.py dpok.py
+"""DPOK: online policy gradient with a KL regulariser to the pretrained model (Fan et al. 2023).
+
+Sampling is ppo.py's; what changes is what happens to the samples. Every transition (x_t, x_t', t, c, old
+log-prob, final reward) goes into a replay buffer of the most recent transitions. A value network V_phi(x_t, c, t)
+is fitted to the final reward; the policy is trained on transitions drawn uniformly from the buffer with the
+loss -alpha * (r - V) * clamp(rho, 1 - eps, 1 + eps) + beta * mean((eps_theta - eps_pre)^2), eps_pre being the
+same UNet with its LoRA adapters disabled. Defaults follow the reference code, google-research/google-research
+`dpok/train_online_pg.py`, with its README's single-prompt settings. Lines that differ from ppo.py in more than
+a docstring are marked `# DPOK`; docs/dpok.md has the details.
+
+    python dpok.py --prompt-file prompts.txt --reward aesthetic     # SD 1.5, GPU; multi-prompt: --alpha 1000 --beta 0.1
+    python dpok.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2
+    torchrun --nproc_per_node 8 dpok.py --reward aesthetic --prompts simple_animals --alpha 1000 --beta 0.1
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # --- experiment
+    exp_name: str = Path(__file__).stem
+    """the name of this experiment (the run folder is runs/{exp_name}__{seed}__{time} unless --run-name)"""
+    run_name: Optional[str] = None
+    """run folder name under --output-dir (default: {exp_name}__{seed}__{unix time})"""
+    output_dir: str = "runs"
+    """where run folders (TensorBoard events, images, checkpoints) are written"""
+    seed: int = 42
+    """seed of every random draw (prompts, noise, shuffles): runs are reproducible and resumable"""
+    num_epochs: int = 2000  # DPOK
+    """epochs of sampling then training (the reference: 10000 policy steps, 5 per sampling round)"""
+    save_every: int = 100  # DPOK
+    """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
+    image_every: int = 50  # DPOK
+    """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
+    resume: Optional[str] = None
+    """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project: str = "diffusion-rl"
+    """the wandb project with --track"""
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda if available; under torchrun one GPU per process)"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: bf16 on GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute UNet activations in the backward pass: less memory, ~30% slower"""
+    compile: bool = False
+    """torch.compile the UNet"""
+    # --- model and sampler
+    model: str = common.SD15
+    """hub id or local diffusers folder; `tiny` is an offline random model for CPU runs and tests"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
+    lora_alpha: Optional[float] = None
+    """LoRA alpha (default: the rank, i.e. scale 1)"""
+    num_steps: int = 50
+    """DDIM steps T per trajectory"""
+    eta: float = 1.0
+    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities"""
+    guidance: float = 7.5  # DPOK
+    """classifier-free guidance scale w, used in sampling and in training"""
+    sample_batch_size: int = 10  # DPOK
+    """images per sampling call per process"""
+    num_batches_per_epoch: int = 1  # DPOK
+    """sampling calls per epoch per process"""
+    # --- reward and prompts
+    reward: str = "jpeg_compressibility"
+    """jpeg_compressibility, jpeg_incompressibility, aesthetic, or color (the offline toy reward, with --prompts colors)"""
+    aesthetic_weights: Optional[str] = None
+    """local weights of the LAION aesthetic MLP (default: from the hub)"""
+    prompts: str = "simple_animals"
+    """built-in prompt set: simple_animals or colors"""
+    prompt_file: Optional[str] = None
+    """a text file with one prompt per line (overrides --prompts)"""
+    # --- algorithm
+    k: int = 1
+    """images per prompt in a sampling batch"""
+    learning_rate: float = 1e-5  # DPOK
+    """AdamW learning rate"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.999
+    """AdamW beta2"""
+    weight_decay: float = 0.0  # DPOK
+    """AdamW weight decay"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
+    max_grad_norm: float = 0.1  # DPOK
+    """gradient-norm clip"""
+    train_batch_size: int = 4  # DPOK
+    """transitions per policy micro-batch per process, drawn uniformly from the replay buffer"""
+    gradient_accumulation_steps: int = 12  # DPOK
+    """micro-batches per policy optimiser step"""
+    num_policy_steps: int = 5  # DPOK
+    """policy optimiser steps per epoch (per sampling round)"""
+    clip: float = 1e-4
+    """the ratio is clamped to [1 - clip, 1 + clip]: a plain clamp, so a transition outside it gives no policy gradient"""
+    alpha: float = 10.0  # DPOK
+    """reward weight alpha of the policy loss (the reference: 10 for one prompt, 1000 for many)"""
+    beta: float = 0.01  # DPOK
+    """KL weight beta on mean((eps_theta - eps_pre)^2) (the reference: 0.01 for one prompt, 0.1 for many)"""
+    buffer_size: int = 1000  # DPOK
+    """replay buffer: the most recent this many transitions of each process"""
+    value_learning_rate: float = 1e-4  # DPOK
+    """AdamW learning rate of the value network V_phi (torch's default weight decay 0.01, as the reference)"""
+    value_batch_size: int = 256  # DPOK
+    """transitions per value minibatch per process"""
+    num_value_batches: int = 5  # DPOK
+    """value minibatches per epoch, accumulated into one value optimiser step (as the reference)"""
+
+
+class ValueNet(torch.nn.Module):  # DPOK
+    """V_phi(x_t, c, t) ~ E[r(x_0, c) | x_t, c]: an MLP on [flattened x_t, pooled prompt embedding] with 3 hidden
+    layers of 256 and ReLU, each layer's output scaled elementwise by a learned embedding of the step index t,
+    h_l = relu(gamma_l(t) * (W_l h_{l-1} + b_l)). Initialised as the reference's `ValueMulti`: Xavier-normal
+    weights, scales uniform in [0, 1)."""
+
+    def __init__(self, latent_dim: int, text_dim: int, num_steps: int, hidden: int = 256, depth: int = 3):
+        super().__init__()
+        dims = [latent_dim + text_dim] + [hidden] * depth
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.step_scales = torch.nn.ModuleList(torch.nn.Embedding(num_steps, hidden) for _ in range(depth))
+        self.head = torch.nn.Linear(hidden, 1)
+        for linear in [*self.layers, self.head]:
+            torch.nn.init.xavier_normal_(linear.weight)
+        for scale in self.step_scales:
+            torch.nn.init.uniform_(scale.weight)
+
+    def forward(self, latents, text, steps):  # (B, C, h, w), (B, D), (B,) step indices -> (B,)
+        h = torch.cat([latents.flatten(1).float(), text.float()], dim=1)
+        for layer, scale in zip(self.layers, self.step_scales):
+            h = torch.relu(layer(h) * scale(steps))
+        return self.head(h).squeeze(-1)
+
+
+def value_loss(value_net, batch: dict):
+    """The value regression on buffer transitions: L(phi) = mean((V_phi(x_t, c, t) - r(x_0, c))^2)."""
+    return torch.nn.functional.mse_loss(value_net(batch["latents"], batch["text"], batch["steps"]), batch["rewards"].float())
+
+
+def to_transitions(latents, log_probs, rewards, text, prompt_ids) -> dict:
+    """N trajectories (latents (N, T+1, C, h, w), log_probs (N, T)) -> N*T transitions, step-major as the reference
+    stores them (all N at step 0, then step 1, ...). The prompt is kept as its id: the token embeddings for the UNet
+    are re-encoded when a transition is trained on; `text` (N, D) is V_phi's pooled prompt embedding."""
+    n, num_steps = log_probs.shape
+    return dict(latents=latents[:, :-1].transpose(0, 1).flatten(0, 1), next_latents=latents[:, 1:].transpose(0, 1).flatten(0, 1),
+                steps=torch.arange(num_steps, device=latents.device).repeat_interleave(n), log_probs=log_probs.T.flatten(),
+                rewards=rewards.repeat(num_steps), text=text.repeat(num_steps, 1), prompt_ids=prompt_ids.repeat(num_steps))
+
+
+def buffer_add(buffer: dict, transitions: dict, size: int) -> dict:
+    """The replay buffer: append `transitions` and keep exactly the most recent `size` of them."""
+    if buffer:
+        transitions = {key: torch.cat([buffer[key], value]) for key, value in transitions.items()}
+    return {key: value[-size:] for key, value in transitions.items()}
+
+
+@torch.no_grad()
+def pooled_embeds(pipe, prompts: list) -> torch.Tensor:
+    """CLIP's pooled prompt embedding (the last hidden state at the end-of-text token), (B, D): V_phi's input."""
+    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[1].float()
+
+
+def policy_loss(log_prob, old_log_prob, advantages, clip: float):
+    """DPOK's policy term: mean(-A * clamp(rho, 1 - eps, 1 + eps)), rho = exp(log pi_theta - log pi_old) and
+    A = r - V_phi(x_t, c, t) (no gradient into V_phi). At rho = 1 its gradient is REINFORCE's -A grad log pi_theta
+    (the paper's policy gradient with a baseline); the plain clamp of the reference code (not PPO's min/max) gives
+    no gradient once rho leaves [1 - eps, 1 + eps], whatever the sign of A. Returns (loss, approx_kl, clipfrac)
+    with ppo.py's diagnostics: approx_kl = mean((log pi_theta - log pi_old)^2) / 2, clipfrac = mean(|rho - 1| > eps)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = (-advantages * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+    approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    clipfrac = ((ratio - 1).abs() > clip).float().mean()
+    return loss, approx_kl.detach(), clipfrac
+
+
+def kl_to_pretrained(eps, eps_pre):
+    """DPOK's KL regulariser per transition: mean over latent dimensions of (eps_theta - eps_pre)^2, both CFG-guided
+    with the same w. One DDIM step is N(mu, sigma_t^2 I) with mu = c_t * eps + (terms without eps), so
+    KL(pi_theta || pi_pre) = c_t^2 / (2 sigma_t^2) * ||eps_theta - eps_pre||^2: this is the per-step KL that the paper
+    sums to bound KL(p_theta(x_0 | c) || p_pre(x_0 | c)), without the per-step weight (as the reference code)."""
+    return ((eps.float() - eps_pre.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    dist = common.setup_distributed(args.device)
+    device, main = dist.device, dist.is_main
+    precision = common.resolve_precision(args.mixed_precision, device)
+    samples_per_process = args.sample_batch_size * args.num_batches_per_epoch
+    images_per_epoch = samples_per_process * dist.world_size
+    minibatches = args.num_policy_steps * args.gradient_accumulation_steps  # DPOK
+    steps_per_epoch = args.num_policy_steps  # DPOK
+    if args.k < 1:
+        common.fail(f"--k {args.k}: need at least one image per prompt")
+    if args.sample_batch_size % args.k:
+        common.fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
+    if args.lora_rank < 1 and args.beta != 0:  # DPOK
+        common.fail("--lora-rank 0: the KL term takes the pretrained model as the UNet with its LoRA adapters disabled; "
+                    "use --lora-rank 1 or more (or --beta 0)")
+    if args.eta <= 0:
+        common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
+    common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
+                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch of {args.gradient_accumulation_steps} x "
+                  f"{args.train_batch_size} transitions from a buffer of {args.buffer_size}, one value step of {args.num_value_batches} x "
+                  f"{args.value_batch_size}", enabled=main)  # DPOK
+
+    checkpoint = common.find_checkpoint(args.resume) if args.resume else None
+    run_dir = (Path(args.output_dir) / args.run_name if args.run_name else checkpoint.parent.parent if checkpoint
+               else Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    common.speed_flags(device)
+    torch.manual_seed(args.seed)
+
+    reward_fn = common.make_reward(args.reward, device, args.aesthetic_weights)
+    prompts = common.load_prompts(args.prompts, args.prompt_file)
+    pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
+                                lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
+                                compile=args.compile, seed=args.seed)
+    eval_prompts = (prompts * 16)[:16]  # fixed prompts and noise for comparable grids and eval rewards
+    neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
+    params = common.trainable_parameters(pipe.unet)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
+    latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2  # DPOK
+    torch.manual_seed(args.seed)  # DPOK: V_phi starts the same on every process
+    value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)  # DPOK: float32
+    value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)  # DPOK
+    start_epoch, global_step, buffer, reward_curve = 0, 0, {}, []  # DPOK
+    if checkpoint:
+        state = common.load_checkpoint(checkpoint, pipe.unet)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # DPOK
+        value_net.load_state_dict(state["value_net"])  # DPOK
+        value_optimizer.load_state_dict(state["value_optimizer"])  # DPOK
+        if state["world_size"] != dist.world_size:  # DPOK: the buffers are per process
+            common.fail(f"{checkpoint} holds the replay buffers of {state['world_size']} processes; resume with as many")
+        buffer = {key: value.chunk(dist.world_size)[dist.rank].to(device) for key, value in state["buffer"].items()}  # DPOK
+        common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+
+    def log_images(epoch: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+        if not main:
+            return
+        with common.autocast(device, precision):
+            images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **sample_kw)
+        grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
+        (run_dir / "images").mkdir(parents=True, exist_ok=True)
+        grid.save(run_dir / "images" / f"{tag}.png")
+        logger.image("images/eval", grid, epoch)
+        logger.scalars({"eval/reward_mean": rewards.mean()}, epoch)
+
+    if start_epoch == 0 and args.image_every > 0:
+        log_images(0, "before")
+    bar = common.progress(range(start_epoch, args.num_epochs), enabled=main, desc="epochs", initial=start_epoch,
+                          total=args.num_epochs)
+    for epoch in bar:
+        t0 = time.time()
+        # SAMPLING
+        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
+        # this process takes its slice, so the samples do not depend on how many processes share them.
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
+        first = dist.rank * samples_per_process
+        pipe.unet.eval()
+        batches = []
+        for b in range(args.num_batches_per_epoch):
+            lo = first + b * args.sample_batch_size
+            ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
+            texts = [prompts[i] for i in ids]
+            embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
+            with common.autocast(device, precision):
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw,
+                                     generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, text=pooled_embeds(pipe, texts),  # DPOK
+                                rewards=reward_fn(traj.images, texts)))
+        samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
+        timesteps = traj.timesteps  # (T,), the same grid for every trajectory
+
+        # REWARDS AND ADVANTAGES
+        rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
+        if not torch.isfinite(rewards).all():
+            common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
+                        f"earlier checkpoints are intact: check the reward function and its inputs")
+        reward_curve.append(rewards.mean().item())
+        # DPOK: this epoch's transitions enter the replay buffer (each process keeps its own), then V_phi takes one AdamW
+        # step on num_value_batches uniform minibatches of the buffer (accumulated, as the reference).
+        # Advantages A = r - V_phi(x_t, c, t) are computed per transition in TRAINING, with the updated V_phi.
+        buffer = buffer_add(buffer, to_transitions(samples["latents"], samples["log_probs"], samples["rewards"], samples["text"],
+                                                   all_prompt_ids[first : first + samples_per_process].to(device)), args.buffer_size)
+        g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + dist.rank)
+        draws = torch.rand(args.num_value_batches + minibatches, len(buffer["rewards"]), generator=g, device=device).argsort(dim=1)
+        info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": [], "value_loss": []}
+        for idx in draws[: args.num_value_batches, : args.value_batch_size]:  # uniform, without replacement in a minibatch
+            loss = value_loss(value_net, {key: value[idx] for key, value in buffer.items()})
+            (loss / args.num_value_batches).backward()
+            info["value_loss"].append(loss.detach())
+        common.average_gradients(list(value_net.parameters()))
+        value_optimizer.step()
+        value_optimizer.zero_grad(set_to_none=True)
+
+        # TRAINING
+        # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches drawn uniformly from the buffer
+        pipe.unet.train()
+        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, then the staleness of the buffer
+        for m, idx in enumerate(draws[args.num_value_batches :, : args.train_batch_size]):
+            batch = {key: value[idx] for key, value in buffer.items()}  # b transitions
+            latents, t = batch["latents"], timesteps[batch["steps"]]
+            embeds = common.encode_prompts(pipe, [prompts[i] for i in batch["prompt_ids"].tolist()])  # (b, 77, D)
+            with torch.no_grad():
+                adv = batch["rewards"] - value_net(latents, batch["text"], batch["steps"])
+            with common.autocast(device, precision):
+                log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds, **sample_kw)
+                with torch.no_grad(), common.adapters_disabled(pipe.unet):
+                    eps_pre = common.guided_noise(pipe.unet, latents, t, embeds, neg_embeds, args.guidance)
+            loss, approx_kl, clipfrac = policy_loss(log_prob, batch["log_probs"], adv, args.clip)
+            kl = kl_to_pretrained(eps, eps_pre).mean()
+            scaler.scale((args.alpha * loss + args.beta * kl) / args.gradient_accumulation_steps).backward()
+            info["policy_loss"].append(loss.detach())
+            info["kl_to_ref"].append(kl.detach())
+            info["approx_kl"].append(approx_kl)
+            info["clipfrac"].append(clipfrac)
+            if m < args.gradient_accumulation_steps:
+                ratio_dev.append((torch.exp(log_prob.detach() - batch["log_probs"]) - 1).abs().mean())
+            if (m + 1) % args.gradient_accumulation_steps == 0:
+                common.average_gradients(params)
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+
+        # LOGGING AND CHECKPOINTS
+        metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
+        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(),
+                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
+                        "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
+                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
+        logger.scalars(metrics, global_step)
+        bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/kl_to_ref']:.2e}")  # DPOK
+        last = epoch + 1 == args.num_epochs
+        if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
+            log_images(epoch + 1, "after" if last else f"epoch_{epoch + 1:04d}")
+        if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
+            all_buffers = {key: common.gather(value) for key, value in buffer.items()}  # DPOK: every process's, in rank order
+            if main:
+                common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
+                    "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),  # DPOK
+                    "value_optimizer": value_optimizer.state_dict(), "buffer": all_buffers, "world_size": dist.world_size})  # DPOK
+                common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+    if main:
+        common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
+                      f"outputs in {run_dir}")
+    logger.close()

@@ -1,0 +1,443 @@
+# Score as Action (arXiv 2502.01819), derived from ppo.py: diff ppo.py score_as_action.py
+"""Score as Action: continuous-time RL for diffusion models (Zhao et al., ICML 2025).
+
+The reverse SDE's drift is -f + g^2 a with the action a the score, a = -eps_hat / sqrt(1 - alphabar_t) for an
+eps-model; the DDIM(eta = 1) steps of ppo.py are its discretisation, trained with the same clipped loss. What
+changes is the advantage, per step: A_k = V(t_{k+1}, x_{k+1}) - V(t_k, x_k) (V after the last step = the reward),
+standardised per timestep, with a value that uses the diffusion structure,
+V(t, x_t, c) = cos(pi t / 2N) r(decode(x0_hat(t, x_t)), c) + sin(pi t / 2N) V_phi(x_t, t, c), where V_phi is a
+small network on latents, time and prompt trained by MSE to the return. The KL to the pretrained model is a
+running reward, -(beta/2) ||s_theta - s_pre||^2 log(alphabar_{t_{k+1}} / alphabar_{t_k}) per step. The evaluation
+samples fixed prompts and noise with the training step count and with others (the claim: robustness to the time
+discretisation). Defaults follow the authors' code (hanyang1999/ContTimeRL4DM, `ddpo_continuous/`), except w,
+whose block is shared with ppo.py: pass --guidance 7 for theirs. Lines that differ from ppo.py are marked `# SaA`.
+
+    python score_as_action.py --guidance 7                           # SD 1.5, JPEG compressibility, GPU
+    python score_as_action.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2 --eval-num-steps 5 20
+    torchrun --nproc_per_node 8 score_as_action.py --reward aesthetic --prompts simple_animals --beta 1e-4
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # --- experiment
+    exp_name: str = Path(__file__).stem
+    """the name of this experiment (the run folder is runs/{exp_name}__{seed}__{time} unless --run-name)"""
+    run_name: Optional[str] = None
+    """run folder name under --output-dir (default: {exp_name}__{seed}__{unix time})"""
+    output_dir: str = "runs"
+    """where run folders (TensorBoard events, images, checkpoints) are written"""
+    seed: int = 42
+    """seed of every random draw (prompts, noise, shuffles): runs are reproducible and resumable"""
+    num_epochs: int = 100
+    """epochs of sampling then training"""
+    save_every: int = 20
+    """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
+    image_every: int = 10
+    """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
+    resume: Optional[str] = None
+    """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project: str = "diffusion-rl"
+    """the wandb project with --track"""
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda if available; under torchrun one GPU per process)"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: bf16 on GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute UNet activations in the backward pass: less memory, ~30% slower"""
+    compile: bool = False
+    """torch.compile the UNet"""
+    # --- model and sampler
+    model: str = common.SD15
+    """hub id or local diffusers folder; `tiny` is an offline random model for CPU runs and tests"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
+    lora_alpha: Optional[float] = None
+    """LoRA alpha (default: the rank, i.e. scale 1)"""
+    num_steps: int = 50
+    """DDIM steps T per trajectory"""
+    eta: float = 1.0
+    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities"""
+    guidance: float = 5.0
+    """classifier-free guidance scale w, used in sampling and in training"""
+    sample_batch_size: int = 8
+    """images per sampling call per process"""
+    num_batches_per_epoch: int = 4
+    """sampling calls per epoch per process"""
+    # --- reward and prompts
+    reward: str = "jpeg_compressibility"
+    """jpeg_compressibility, jpeg_incompressibility, aesthetic, or color (the offline toy reward, with --prompts colors)"""
+    aesthetic_weights: Optional[str] = None
+    """local weights of the LAION aesthetic MLP (default: from the hub)"""
+    prompts: str = "simple_animals"
+    """built-in prompt set: simple_animals or colors"""
+    prompt_file: Optional[str] = None
+    """a text file with one prompt per line (overrides --prompts)"""
+    # --- algorithm
+    k: int = 1
+    """images per prompt in a sampling batch"""
+    learning_rate: float = 5e-5  # SaA
+    """AdamW learning rate (the authors' 5e-5)"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.999
+    """AdamW beta2"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    train_batch_size: int = 4
+    """trajectories per training minibatch per process"""
+    gradient_accumulation_steps: int = 2
+    """minibatches per optimiser step (each contributes all its trained timesteps)"""
+    num_inner_epochs: int = 1
+    """passes over each epoch's samples"""
+    timestep_fraction: float = 1.0
+    """train on this fraction of each trajectory's steps (a random subset per trajectory)"""
+    clip: float = 1.5e-5  # SaA
+    """PPO clip range epsilon on the per-step ratio (the authors' 1.5e-5)"""
+    adv_clip_max: float = 5.0
+    """advantages are clipped to [-adv_clip_max, adv_clip_max]"""
+    beta: float = 0.0  # SaA
+    """weight of the KL-to-pretrained running reward -(beta/2) ||s_theta - s_pre||^2 log(alphabar_{t'}/alphabar_t); 0 disables it and its UNet calls"""
+    value_learning_rate: float = 1e-3
+    """AdamW learning rate of the value network V_phi"""
+    value_batch_size: int = 64
+    """states (x_t, t, c) per V_phi minibatch"""
+    value_epochs: int = 1
+    """passes of V_phi over each epoch's states, made before that epoch's advantages are computed"""
+    eval_num_steps: tuple[int, ...] = (25, 100)
+    """step counts evaluated (every --image-every epochs, same prompts and noise) besides --num-steps"""
+
+
+def score_from_eps(eps, alphabar_t):  # SaA
+    """The action: the score a = grad_x log p_t(x) = -eps_hat / sqrt(1 - alphabar_t) of an eps-prediction model.
+    eps (B, ...), alphabar_t (B,)."""
+    return -eps / (1 - alphabar_t).sqrt().view(-1, *[1] * (eps.ndim - 1))
+
+
+def step_alphas(scheduler, t, num_steps: int):  # SaA
+    """(alphabar_{t_k}, alphabar_{t_{k+1}}) of steps taken at timesteps t (B,), as common.ddim_step uses them:
+    t_{k+1} = t_k - N // T, and the scheduler's final alphabar after the last step."""
+    prev = t - scheduler.config.num_train_timesteps // num_steps
+    alphas = scheduler.alphas_cumprod
+    return alphas[t], torch.where(prev >= 0, alphas[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
+
+
+def kl_terms(score, score_pre, alphabar_t, alphabar_next, eta: float = 1.0):  # SaA
+    """Per step: 1/2 ||s_theta - s_pre||^2 log(alphabar_{t_{k+1}} / alphabar_{t_k}), summed over latent dimensions.
+
+    The Riemann sum of int 1/2 g^2 ||s_theta - s_pre||^2 dt, the KL between the path measures of the policy and the
+    pretrained model (Girsanov); for the VP SDE g^2 dt = d log alphabar, positive towards t = 0, so each term is >= 0.
+    eta != 1 scales it by ((1 + eta^2) / (2 eta))^2 as the authors' code does (1 at eta = 1). Returns (B,)."""
+    factor = ((1 + eta**2) / (2 * eta)) ** 2
+    return factor * 0.5 * (score - score_pre).pow(2).flatten(1).sum(1) * torch.log(alphabar_next / alphabar_t)
+
+
+def structured_value(t, x0_reward, v_phi, num_train_timesteps: int = 1000):  # SaA
+    """V(t, x_t, c) = cos(pi t / 2N) r(decode(x0_hat(t, x_t)), c) + sin(pi t / 2N) V_phi(x_t, t, c): near t = 0 the
+    reward of the denoised image, at high noise the learned term."""
+    angle = math.pi * t.float() / (2 * num_train_timesteps)
+    return torch.cos(angle) * x0_reward + torch.sin(angle) * v_phi
+
+
+def returns_to_go(rewards, running_rewards):  # SaA
+    """G_k = r + sum_{j >= k} rr_j, V_phi's regression target for state k (the final reward when beta = 0).
+    rewards (N,), running_rewards (N, T) -> (N, T)."""
+    return rewards[:, None] + running_rewards.flip(1).cumsum(1).flip(1)
+
+
+def step_advantages(values, rewards, running_rewards):  # SaA
+    """A_k = rr_k + V(t_{k+1}, x_{k+1}) - V(t_k, x_k), with V after the last step = the final reward r, so that
+    sum_k A_k = r + sum_k rr_k - V(t_0, x_T). values (N, T) of the states x_{t_k}, rewards (N,) -> (N, T)."""
+    next_values = torch.cat([values[:, 1:], rewards[:, None]], dim=1)
+    return running_rewards + next_values - values
+
+
+def standardise_per_timestep(advantages):  # SaA
+    """(A - mean) / (std + 1e-6) of each timestep (column) over the batch."""
+    return (advantages - advantages.mean(0)) / (advantages.std(0, unbiased=False) + 1e-6)
+
+
+class ValueNet(torch.nn.Module):  # SaA
+    """V_phi(x_t, t, c) for any black-box reward: a strided conv encoder of the latent, Fourier features of t / N and
+    the token-averaged prompt embedding, then an MLP. The last layer starts at zero (V starts as the x0_hat term)."""
+
+    def __init__(self, channels: int, embed_dim: int, width: int = 64, hidden: int = 256, freqs: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs), persistent=False)
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, width, 3, stride=2, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 3, stride=2, padding=1), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten())
+        self.head = torch.nn.Sequential(torch.nn.Linear(width + embed_dim + 2 * freqs, hidden), torch.nn.SiLU(),
+                                        torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
+        torch.nn.init.zeros_(self.head[-1].weight)
+        torch.nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, latents, t, embeds, num_train_timesteps: int = 1000):
+        angle = t.float()[:, None] / num_train_timesteps * self.freqs  # (B, freqs)
+        features = [self.encoder(latents.float()), embeds.float().mean(1), angle.sin(), angle.cos()]
+        return self.head(torch.cat(features, dim=1)).squeeze(-1)
+
+
+@torch.no_grad()
+def denoised_rewards(pipe, reward_fn, pred_x0, texts, chunk: int):  # SaA
+    """r(decode(x0_hat), c) of every state of B trajectories, pred_x0 (B, T, C, h, w) -> (B, T), in calls of `chunk`."""
+    b, num_steps = pred_x0.shape[:2]
+    flat, flat_texts = pred_x0.flatten(0, 1), [text for text in texts for _ in range(num_steps)]
+    return torch.cat([reward_fn(common.decode_latents(pipe, flat[i : i + chunk]), flat_texts[i : i + chunk])
+                      for i in range(0, len(flat), chunk)]).view(b, num_steps)
+
+
+@torch.no_grad()
+def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guidance, eta, chunk: int):  # SaA
+    """kl_terms of every state x_{t_k} of B trajectories, latents (B, T+1, ...) -> (B, T): s_theta and s_pre (the
+    same UNet with LoRA disabled) both CFG-guided with the same w, in UNet calls of `chunk` states."""
+    b = latents.shape[0]
+    x, t = latents[:, :-1].flatten(0, 1), timesteps.repeat(b)  # (B*T, C, h, w), (B*T,)
+    c = embeds.repeat_interleave(len(timesteps), dim=0)
+    out = []
+    for i in range(0, len(x), chunk):
+        xi, ti, ci = x[i : i + chunk], t[i : i + chunk], c[i : i + chunk]
+        alphabar_t, alphabar_next = step_alphas(pipe.scheduler, ti, num_steps)
+        eps = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
+        with common.adapters_disabled(pipe.unet):
+            eps_pre = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
+        out.append(kl_terms(score_from_eps(eps, alphabar_t), score_from_eps(eps_pre, alphabar_t), alphabar_t, alphabar_next, eta))
+    return torch.cat(out).view(b, len(timesteps))
+
+
+def policy_loss(log_prob, old_log_prob, advantages, clip: float):
+    """PPO's clipped surrogate per step: mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))),
+    rho = exp(log pi_theta - log pi_old). Returns (loss, approx_kl, clipfrac), DDPO's diagnostics:
+    approx_kl = mean((log pi_theta - log pi_old)^2) / 2, clipfrac = mean(|rho - 1| > eps)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+    approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    clipfrac = ((ratio - 1).abs() > clip).float().mean()
+    return loss, approx_kl.detach(), clipfrac
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    dist = common.setup_distributed(args.device)
+    device, main = dist.device, dist.is_main
+    precision = common.resolve_precision(args.mixed_precision, device)
+    samples_per_process = args.sample_batch_size * args.num_batches_per_epoch
+    images_per_epoch = samples_per_process * dist.world_size
+    minibatches = samples_per_process // args.train_batch_size
+    steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
+    num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
+    if args.k < 1:
+        common.fail(f"--k {args.k}: need at least one image per prompt")
+    if args.sample_batch_size % args.k:
+        common.fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
+    if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
+        common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
+                    f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
+    if args.eta <= 0:
+        common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
+    if args.beta < 0 or (args.beta > 0 and args.lora_rank == 0):  # SaA
+        common.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0), whose disabled adapters give s_pre")
+    if args.value_batch_size < 1 or args.value_epochs < 0 or min(args.eval_num_steps, default=1) < 1:  # SaA
+        common.fail("--value-batch-size must be >= 1, --value-epochs >= 0 and every --eval-num-steps >= 1")
+    common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
+                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
+                  f"trained timesteps per trajectory", enabled=main)
+
+    checkpoint = common.find_checkpoint(args.resume) if args.resume else None
+    run_dir = (Path(args.output_dir) / args.run_name if args.run_name else checkpoint.parent.parent if checkpoint
+               else Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    common.speed_flags(device)
+    torch.manual_seed(args.seed)
+
+    reward_fn = common.make_reward(args.reward, device, args.aesthetic_weights)
+    prompts = common.load_prompts(args.prompts, args.prompt_file)
+    pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
+                                lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
+                                compile=args.compile, seed=args.seed)
+    eval_prompts = (prompts * 16)[:16]  # fixed prompts and noise for comparable grids and eval rewards
+    neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
+    params = common.trainable_parameters(pipe.unet)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    with torch.random.fork_rng(devices=[]):  # SaA: V_phi, the same initial weights on every process
+        torch.manual_seed(args.seed)
+        value_net = ValueNet(pipe.unet.config.in_channels, neg_embeds.shape[-1]).to(device)
+    value_params = list(value_net.parameters())
+    value_optimizer = torch.optim.AdamW(value_params, lr=args.value_learning_rate)
+    horizon = pipe.scheduler.config.num_train_timesteps  # N of the structured value (1000)
+    sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
+    start_epoch, global_step, reward_curve = 0, 0, []  # SaA
+    if checkpoint:
+        state = common.load_checkpoint(checkpoint, pipe.unet)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        value_net.load_state_dict(state["value_net"])  # SaA
+        value_optimizer.load_state_dict(state["value_optimizer"])  # SaA
+        start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # SaA
+        common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+
+    def log_images(epoch: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+        if not main:
+            return
+        with common.autocast(device, precision):
+            images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **sample_kw)
+        grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
+        (run_dir / "images").mkdir(parents=True, exist_ok=True)
+        grid.save(run_dir / "images" / f"{tag}.png")
+        logger.image("images/eval", grid, epoch)
+        evals = {"eval/reward_mean": rewards.mean(), f"eval/reward_mean_{args.num_steps}steps": rewards.mean()}  # SaA
+        for num_steps in [n for n in args.eval_num_steps if n != args.num_steps]:  # SaA: same prompts and noise, other T
+            with common.autocast(device, precision):
+                _, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **{**sample_kw, "num_steps": num_steps})
+            evals[f"eval/reward_mean_{num_steps}steps"] = rewards.mean()
+        logger.scalars(evals, epoch)
+        common.print0(f"eval at epoch {epoch}: " + ", ".join(f"{k.split('_')[-1]} {v:.4f}" for k, v in list(evals.items())[1:]))
+
+    if start_epoch == 0 and args.image_every > 0:
+        log_images(0, "before")
+    bar = common.progress(range(start_epoch, args.num_epochs), enabled=main, desc="epochs", initial=start_epoch,
+                          total=args.num_epochs)
+    for epoch in bar:
+        t0 = time.time()
+        # SAMPLING
+        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
+        # this process takes its slice, so the samples do not depend on how many processes share them.
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
+        first = dist.rank * samples_per_process
+        pipe.unet.eval()
+        batches = []
+        for b in range(args.num_batches_per_epoch):
+            lo = first + b * args.sample_batch_size
+            ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
+            texts = [prompts[i] for i in ids]
+            embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
+            with common.autocast(device, precision):
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, return_pred_x0=True,  # SaA: Tweedie x0_hat
+                                     generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
+                kl = (sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds, **sample_kw, chunk=len(ids))  # SaA
+                      if args.beta > 0 else torch.zeros_like(traj.log_probs))  # (B, T)
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, embeds=embeds,
+                                rewards=reward_fn(traj.images, texts), kl=kl,  # SaA: and r(decode(x0_hat)) of every state
+                                x0_rewards=denoised_rewards(pipe, reward_fn, traj.pred_x0, texts, chunk=len(ids))))
+        samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
+        timesteps = traj.timesteps  # (T,), the same grid for every trajectory
+
+        # REWARDS AND ADVANTAGES
+        rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
+        if not (torch.isfinite(rewards).all() and torch.isfinite(common.gather(samples["x0_rewards"])).all()):  # SaA
+            common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
+                        f"earlier checkpoints are intact: check the reward function and its inputs")
+        # SaA: V_phi is fitted first (MSE of the structured value to the return), then gives every state's value.
+        running_rewards = -args.beta * samples["kl"]  # (N, T): the KL to the pretrained model, as a running reward
+        targets = returns_to_go(samples["rewards"], running_rewards)  # (N, T)
+
+        def state_values(flat):  # the structured value V(t_k, x_{t_k}, c) of flat state indices n * T + k
+            rows, steps = flat // args.num_steps, flat % args.num_steps
+            v_phi = value_net(samples["latents"][rows, steps], timesteps[steps], samples["embeds"][rows], horizon)
+            return structured_value(timesteps[steps], samples["x0_rewards"][rows, steps], v_phi, horizon)
+
+        num_states = samples_per_process * args.num_steps
+        g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 - 1 - dist.rank)  # not training's
+        value_losses = []
+        for _ in range(args.value_epochs):
+            order = torch.randperm(num_states, generator=g, device=device)
+            for lo in range(0, num_states, args.value_batch_size):
+                flat = order[lo : lo + args.value_batch_size]
+                value_loss = (state_values(flat) - targets.flatten()[flat]).pow(2).mean()
+                value_loss.backward()
+                common.average_gradients(value_params)
+                torch.nn.utils.clip_grad_norm_(value_params, args.max_grad_norm)
+                value_optimizer.step()
+                value_optimizer.zero_grad(set_to_none=True)
+                value_losses.append(value_loss.detach())
+        with torch.no_grad():
+            values = torch.cat([state_values(flat) for flat in torch.arange(num_states, device=device).split(args.value_batch_size)])
+        advantages = common.gather(step_advantages(values.view(-1, args.num_steps), samples["rewards"], running_rewards))
+        advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
+        samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
+        reward_curve.append(rewards.mean().item())
+
+        # TRAINING
+        pipe.unet.train()
+        info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
+        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
+        for inner in range(args.num_inner_epochs):
+            g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + inner * 4099 + dist.rank)
+            perm = torch.randperm(samples_per_process, generator=g, device=device)
+            # each trajectory trains on its own random order (and subset) of timesteps
+            step_perm = torch.argsort(torch.rand(samples_per_process, args.num_steps, generator=g, device=device), dim=1)
+            step_perm = step_perm[:, :num_train_timesteps]  # (N, T_train) step indices
+            for m in range(minibatches):
+                idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
+                steps = step_perm[idx]  # (b, T_train)
+                rows = idx[:, None]
+                latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
+                old_log_probs, adv, embeds = samples["log_probs"][rows, steps], samples["advantages"][rows, steps], samples["embeds"][idx]  # SaA
+                for j in range(num_train_timesteps):
+                    with common.autocast(device, precision):
+                        log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], timesteps[steps[:, j]],
+                                                           embeds, neg_embeds, **sample_kw)
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, j], adv[:, j], args.clip)  # SaA: A_k
+                    scaler.scale(loss / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
+                    info["policy_loss"].append(loss.detach())
+                    info["approx_kl"].append(approx_kl)
+                    info["clipfrac"].append(clipfrac)
+                    if inner == 0 and m < args.gradient_accumulation_steps:
+                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, j]) - 1).abs().mean())
+                if (m + 1) % args.gradient_accumulation_steps == 0:
+                    common.average_gradients(params)
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+
+        # LOGGING AND CHECKPOINTS
+        metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
+        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(),
+                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
+                        "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
+                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
+                        "debug/value_at_start": values.view(-1, args.num_steps)[:, 0].mean()})  # SaA: V(t_0, x_T)
+        if value_losses:  # SaA
+            metrics["losses/value_loss"] = torch.stack(value_losses).mean()
+        if args.beta > 0:  # SaA: sum_k of the per-step KL terms, per trajectory
+            metrics["losses/kl_to_ref"] = samples["kl"].sum(1).mean()
+        logger.scalars(metrics, global_step)
+        bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
+        last = epoch + 1 == args.num_epochs
+        if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
+            log_images(epoch + 1, "after" if last else f"epoch_{epoch + 1:04d}")
+        if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
+            if main:
+                common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
+                    "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "value_net": value_net.state_dict(),  # SaA
+                    "value_optimizer": value_optimizer.state_dict(), "reward_curve": reward_curve})
+                common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+    if main:
+        common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
+                      f"outputs in {run_dir}")
+    logger.close()

@@ -1,0 +1,54 @@
+"""Running the scripts as a user does (subprocess, tiny model, CPU) and reading what they wrote."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+# The smallest complete run: 4 images of the toy task, 2 DDIM steps, 2 minibatches.
+TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "2", "--sample-batch-size", "4",
+        "--num-batches-per-epoch", "1", "--train-batch-size", "2", "--image-every", "1", "--save-every", "1"]
+# The calibrated CPU learning setting of the README (16 images and 2 optimiser steps per epoch).
+LEARN = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "10", "--sample-batch-size", "8",
+         "--num-batches-per-epoch", "2", "--train-batch-size", "8", "--learning-rate", "3e-2", "--save-every", "0"]
+ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"], "loop": ["--gradient-accumulation-steps", "1"]}
+
+
+def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    prefix = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else [PYTHON]
+    proc = subprocess.run(prefix + [str(ROOT / f"{script}.py"), *map(str, args)], cwd=ROOT, env=OFFLINE,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def scalars(run_dir: Path) -> dict:
+    """TensorBoard scalars of a run: tag -> list of (step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def lora_weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "pytorch_lora_weights.safetensors")
+
+
+def training_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "training_state.pt", weights_only=True)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The last non-empty line of stderr: where a one-line error must be."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -1,0 +1,124 @@
+"""reinforce.py, ppo.py and loop.py end to end: outputs, the on-policy check, resume, torchrun, bad input."""
+
+import runpy
+import sys
+
+import pytest
+import torch
+from helpers import ACCUMULATE, ROOT, TINY, error_line, lora_weights, run, scalars, training_state
+
+import common
+
+SCRIPTS = ["reinforce", "ppo", "loop"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """Each script run for 2 epochs in one go (checkpoint every epoch): shared by several tests."""
+    out = tmp_path_factory.mktemp("runs")
+    for script in SCRIPTS:
+        run(script, *TINY, *ACCUMULATE[script], "--num-epochs", 2, "--output-dir", out, "--run-name", script)
+    return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_end_to_end_outputs_and_on_policy_check(two_epochs, script):
+    run_dir = two_epochs / script
+    assert (run_dir / "images" / "before.png").exists() and (run_dir / "images" / "after.png").exists()
+    assert (run_dir / "reward_curve.png").exists()
+    for epoch in (1, 2):
+        ckpt = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+        assert set(lora_weights(ckpt)) and training_state(ckpt)["epoch"] == epoch
+    logged = scalars(run_dir)
+    for tag in ("charts/reward_mean", "charts/reward_std", "charts/images_per_sec", "charts/learning_rate",
+                "losses/policy_loss", "losses/approx_kl", "losses/clipfrac", "debug/ratio_dev_at_start", "eval/reward_mean"):
+        assert tag in logged, tag
+    # before each epoch's first update the recomputed log-probs equal the sampled ones (float32, CPU)
+    assert all(v < 1e-5 for _, v in logged["debug/ratio_dev_at_start"])
+    assert len(logged["charts/reward_mean"]) == 2 and len(logged["eval/reward_mean"]) == 3  # before, epoch 1, after
+    # the LoRA weights moved, and diffusers loads them
+    assert any(v.abs().max() > 0 for k, v in lora_weights(run_dir / "checkpoints" / "epoch_0002").items() if "lora_B" in k
+               or "lora.up" in k)
+    pipe = common._offline_pipeline("tiny")
+    pipe.load_lora_weights(str(run_dir / "checkpoints" / "epoch_0002"))
+
+
+def test_loop_canonical_call(tmp_path):
+    run("loop", *TINY, "--k", 4, "--clip", "1e-4", "--num-epochs", 1, "--output-dir", tmp_path, "--run-name", "canon",
+        "--gradient-accumulation-steps", 1)
+    assert (tmp_path / "canon" / "checkpoints" / "epoch_0001").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_is_bit_identical(two_epochs, tmp_path, script):
+    args = [*TINY, *ACCUMULATE[script], "--output-dir", tmp_path, "--run-name", "split"]
+    run(script, *args, "--num-epochs", 1)
+    run(script, *args, "--num-epochs", 2, "--resume", tmp_path / "split")
+    whole, split = two_epochs / script / "checkpoints" / "epoch_0002", tmp_path / "split" / "checkpoints" / "epoch_0002"
+    a, b = lora_weights(whole), lora_weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = training_state(whole), training_state(split)
+    assert sa["reward_curve"] == sb["reward_curve"] and sa["global_step"] == sb["global_step"]
+    if script == "ppo":
+        assert sa["stats"] == sb["stats"]
+
+
+@pytest.mark.parametrize("script", ["ppo", "loop"])
+def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path, script):
+    """One update: 2 processes x 2 images equals 1 process x 4 images (same prompts, noise and advantages;
+    gradients averaged across processes). For LOOP (K = 2) each process holds one whole group."""
+    common_args = [*TINY, "--k", 2, "--num-epochs", 1, "--gradient-accumulation-steps", 1, "--output-dir", tmp_path,
+                   "--image-every", 0]
+    run(script, *common_args, "--sample-batch-size", 2, "--train-batch-size", 2, "--run-name", "two", torchrun=2)
+    run(script, *common_args, "--sample-batch-size", 4, "--train-batch-size", 4, "--run-name", "one")
+    two, one = (tmp_path / name / "checkpoints" / "epoch_0001" for name in ("two", "one"))
+    assert training_state(two)["reward_curve"] == pytest.approx(training_state(one)["reward_curve"], abs=1e-6)
+    a, b = lora_weights(two), lora_weights(one)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+BAD_INPUT = [
+    ("ppo", ["--k", "0"], "--k 0"),
+    ("reinforce", ["--k", "0"], "--k 0"),
+    ("loop", ["--k", "1"], "at least two images per prompt"),
+    ("loop", ["--k", "3"], "whole groups"),
+    ("ppo", ["--train-batch-size", "3"], "must divide"),
+    ("reinforce", ["--train-batch-size", "3"], "must divide"),
+    ("ppo", ["--reward", "beauty"], "unknown reward"),
+    ("loop", ["--prompts", "nonsense"], "unknown prompt set"),
+    ("loop", ["--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompt file"),
+    ("reinforce", ["--model", "/nonexistent/model"], "--model tiny"),
+    ("ppo", ["--resume", "/nonexistent/run"], "no checkpoint found"),
+    ("loop", ["--eta", "0"], "--eta"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", BAD_INPUT, ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_INPUT])
+def test_bad_input_fails_in_one_line(tmp_path, script, args, message):
+    proc = run(script, *TINY, "--num-epochs", 1, "--output-dir", tmp_path, *args, check=False)
+    assert proc.returncode != 0
+    line = error_line(proc)
+    assert line.startswith("error: ") and message in line, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_damaged_resume_and_nan_reward_leave_the_checkpoint_intact(tmp_path, monkeypatch):
+    run("loop", *TINY, "--num-epochs", 1, "--output-dir", tmp_path, "--run-name", "good", "--gradient-accumulation-steps", 1)
+    ckpt = tmp_path / "good" / "checkpoints" / "epoch_0001"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    # a non-finite reward stops the run before any update or save (in-process, with a patched reward)
+    monkeypatch.setattr(common, "color", lambda images, prompts: torch.full((images.shape[0],), float("nan")))
+    monkeypatch.setattr(sys, "argv", ["loop.py", *TINY, "--num-epochs", 3, "--output-dir", tmp_path, "--resume", tmp_path / "good",
+                                      "--gradient-accumulation-steps", 1])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "loop.py"), run_name="__main__")
+    assert "non-finite" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert not (tmp_path / "good" / "checkpoints" / "epoch_0002").exists()
+    # a damaged checkpoint is refused in one line, and stays as it was
+    (ckpt / "training_state.pt").write_bytes(b"not a checkpoint")
+    proc = run("loop", *TINY, "--num-epochs", 2, "--output-dir", tmp_path, "--resume", ckpt, check=False)
+    assert proc.returncode != 0 and "cannot resume" in error_line(proc)
+    assert (ckpt / "training_state.pt").read_bytes() == b"not a checkpoint"
