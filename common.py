@@ -13,6 +13,7 @@ grid) and whose policy is the Gaussian of one DDIM(eta) step.
 import contextlib
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -31,7 +32,7 @@ from PIL import Image, ImageDraw
 # this is its maintained mirror with the same weights).
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Offline stand-ins: same architecture classes, built from configs with seeded random weights.
-TINY = "tiny"  # a few hundred thousand UNet parameters, 32x32 images: tests and CPU demos
+TINY = "tiny"  # ~0.8M UNet parameters, 32x32 images: tests and CPU demos
 SD15_RANDOM = "sd15-random"  # Stable Diffusion 1.5's exact shapes and cost: speed and memory benchmarks
 
 
@@ -80,7 +81,7 @@ def ddim_scheduler(config=None):
     return DDIMScheduler.from_config(config, clip_sample=False)
 
 
-def _offline_pipeline(name: str, seed: int):
+def _offline_pipeline(name: str, seed: int = 0):
     """Stable Diffusion built from configs with seeded random weights, without touching the network."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -154,6 +155,9 @@ def load_pipeline(
             fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local "
                  f"Hugging Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local folder.")
         pipe.scheduler = ddim_scheduler(pipe.scheduler.config)
+        if pipe.scheduler.config.set_alpha_to_one:
+            fail(f"model {model!r} has a scheduler with set_alpha_to_one=True: its last DDIM step is deterministic and "
+                 f"has no log-probability; these methods need SD 1.x/2.x's set_alpha_to_one=False")
     dtype = DTYPES[mixed_precision]
     pipe.set_progress_bar_config(disable=True)
     for frozen in (pipe.vae, pipe.text_encoder) + ((pipe.unet,) if lora_rank > 0 else ()):
@@ -316,13 +320,24 @@ def draw_noise(shape, generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device)
 
 
-def sample_generators(seed: int, epoch: int, indices: Sequence[int], device) -> list:
-    """One generator per sample, a pure function of (seed, epoch, global sample index).
+# Independent random streams of one run; every draw is a pure function of (seed, epoch, stream, ...).
+NOISE, PROMPTS, SHUFFLE = 0, 1, 2
 
-    This makes every run reproducible and resumable without saving RNG state, and makes the samples
-    independent of how a batch is split across processes (1 x 2b and 2 x b draw the same noise).
+
+def generator(device, *keys: int) -> torch.Generator:
+    """A torch.Generator seeded by a stable hash of integer keys, e.g. (seed, epoch, SHUFFLE, rank).
+
+    Deriving every draw from the seed and the epoch makes runs reproducible and resumable bit-identically
+    without saving RNG state.
     """
-    return [torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + i) for i in indices]
+    digest = hashlib.blake2b(repr(tuple(int(k) for k in keys)).encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def sample_generators(seed: int, epoch: int, indices: Sequence[int], device) -> list:
+    """One noise generator per sample, keyed by its GLOBAL index in the epoch: the samples do not depend
+    on how a batch is split across processes (1 x 2b and 2 x b draw the same noise)."""
+    return [generator(device, seed, epoch, NOISE, i) for i in indices]
 
 
 @torch.no_grad()

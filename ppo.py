@@ -113,16 +113,16 @@ class Args:
     """use a prompt's own statistics once it has this many rewards, else the batch's"""
 
 
-def per_prompt_advantages(stats: dict, prompt_ids: list, rewards: torch.Tensor, buffer_size: int, min_count: int):
+def per_prompt_advantages(stats: dict, prompts: list, rewards: torch.Tensor, buffer_size: int, min_count: int):
     """DDPO's per-prompt standardisation: A = (r - mean) / (std + 1e-6), where mean and std are of the
     prompt's last `buffer_size` rewards (this batch included) once it has `min_count` of them, else of the
-    whole batch. `stats` maps prompt id -> list of recent rewards and is updated in place."""
+    whole batch. `stats` maps prompt text -> list of recent rewards and is updated in place."""
     advantages = torch.empty_like(rewards)
-    for pid in sorted(set(prompt_ids)):
-        mask = torch.tensor([p == pid for p in prompt_ids], device=rewards.device)
-        stats[pid] = (stats.get(pid, []) + rewards[mask].tolist())[-buffer_size:]
-        ref = torch.tensor(stats[pid]) if len(stats[pid]) >= min_count else rewards.cpu()
-        mean, std = ref.mean(), ref.std(unbiased=False) + 1e-6
+    for prompt in sorted(set(prompts)):
+        mask = torch.tensor([p == prompt for p in prompts], device=rewards.device)
+        stats[prompt] = (stats.get(prompt, []) + rewards[mask].tolist())[-buffer_size:]
+        ref = torch.tensor(stats[prompt]) if len(stats[prompt]) >= min_count else rewards.cpu()
+        mean, std = ref.mean(), ref.std(correction=0) + 1e-6
         advantages[mask] = (rewards[mask] - mean.to(rewards.device)) / std.to(rewards.device)
     return advantages
 
@@ -188,7 +188,7 @@ if __name__ == "__main__":
         start_epoch, global_step, stats, reward_curve = state["epoch"], state["global_step"], state["stats"], state["reward_curve"]
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
 
-    def log_images(epoch: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
         if not main:
             return
         with common.autocast(device, precision):
@@ -196,8 +196,8 @@ if __name__ == "__main__":
         grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         grid.save(run_dir / "images" / f"{tag}.png")
-        logger.image("images/eval", grid, epoch)
-        logger.scalars({"eval/reward_mean": rewards.mean()}, epoch)
+        logger.image("images/eval", grid, step)
+        logger.scalars({"eval/reward_mean": rewards.mean()}, step)
 
     if start_epoch == 0 and args.image_every > 0:
         log_images(0, "before")
@@ -208,7 +208,7 @@ if __name__ == "__main__":
         # SAMPLING
         # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
         # this process takes its slice, so the samples do not depend on how many processes share them.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
         all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         pipe.unet.eval()
@@ -231,7 +231,8 @@ if __name__ == "__main__":
         if not torch.isfinite(rewards).all():
             common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
                         f"earlier checkpoints are intact: check the reward function and its inputs")
-        advantages = per_prompt_advantages(stats, all_prompt_ids.tolist(), rewards, args.stat_buffer_size, args.stat_min_count)
+        advantages = per_prompt_advantages(stats, [prompts[i] for i in all_prompt_ids.tolist()], rewards, args.stat_buffer_size,
+                                           args.stat_min_count)
         samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
         reward_curve.append(rewards.mean().item())
 
@@ -240,7 +241,7 @@ if __name__ == "__main__":
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
         for inner in range(args.num_inner_epochs):
-            g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + inner * 4099 + dist.rank)
+            g = common.generator(device, args.seed, epoch, common.SHUFFLE, inner, dist.rank)
             perm = torch.randperm(samples_per_process, generator=g, device=device)
             # each trajectory trains on its own random order (and subset) of timesteps
             step_perm = torch.argsort(torch.rand(samples_per_process, args.num_steps, generator=g, device=device), dim=1)
@@ -273,7 +274,7 @@ if __name__ == "__main__":
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
-        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(),
+        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
@@ -281,14 +282,14 @@ if __name__ == "__main__":
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
-            log_images(epoch + 1, "after" if last else f"epoch_{epoch + 1:04d}")
+            log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if main:
                 common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "stats": stats, "reward_curve": reward_curve})
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
-    if main:
+    if main and reward_curve:
         common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
                       f"outputs in {run_dir}")
     logger.close()

@@ -4,7 +4,7 @@
 
 Each denoising step is an action of a Gaussian policy (common.ddim_step). K trajectories are sampled per
 prompt and scored by a black-box reward; each image's advantage is its reward minus the mean reward of the
-other K - 1 images of its prompt. The loss is -A * log pi summed over the trajectory's steps, evaluated with
+other K - 1 images of its prompt. The loss is -A * log pi averaged over the trajectory's steps, evaluated with
 the same classifier-free guidance as sampling. Strictly on-policy: one optimiser step per epoch of samples,
 no importance ratio and no clipping.
 
@@ -169,7 +169,7 @@ if __name__ == "__main__":
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
 
-    def log_images(epoch: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
         if not main:
             return
         with common.autocast(device, precision):
@@ -177,8 +177,8 @@ if __name__ == "__main__":
         grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         grid.save(run_dir / "images" / f"{tag}.png")
-        logger.image("images/eval", grid, epoch)
-        logger.scalars({"eval/reward_mean": rewards.mean()}, epoch)
+        logger.image("images/eval", grid, step)
+        logger.scalars({"eval/reward_mean": rewards.mean()}, step)
 
     if start_epoch == 0 and args.image_every > 0:
         log_images(0, "before")
@@ -189,7 +189,7 @@ if __name__ == "__main__":
         # SAMPLING
         # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
         # this process takes its slice, so the samples do not depend on how many processes share them.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
         all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         pipe.unet.eval()
@@ -221,7 +221,7 @@ if __name__ == "__main__":
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
         for inner in range(1):  # strictly on-policy: a single pass over the samples
-            g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + inner * 4099 + dist.rank)
+            g = common.generator(device, args.seed, epoch, common.SHUFFLE, inner, dist.rank)
             perm = torch.randperm(samples_per_process, generator=g, device=device)
             # each trajectory trains on its own random order (and subset) of timesteps
             step_perm = torch.argsort(torch.rand(samples_per_process, args.num_steps, generator=g, device=device), dim=1)
@@ -254,7 +254,7 @@ if __name__ == "__main__":
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
-        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(),
+        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
@@ -262,14 +262,14 @@ if __name__ == "__main__":
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
-            log_images(epoch + 1, "after" if last else f"epoch_{epoch + 1:04d}")
+            log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if main:
                 common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve})
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
-    if main:
+    if main and reward_curve:
         common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
                       f"outputs in {run_dir}")
     logger.close()

@@ -34,15 +34,15 @@ def test_loop_normalized_advantages_divide_by_group_std():
 
 def test_per_prompt_statistics_by_hand():
     stats = {}
-    ids = [0, 0, 1, 1]
+    ids = ["a", "a", "b", "b"]
     r1 = torch.tensor([1.0, 3.0, 5.0, 9.0])
     a1 = ppo.per_prompt_advantages(stats, ids, r1, buffer_size=3, min_count=3)
     batch_mean, batch_std = 4.5, torch.tensor([1.0, 3.0, 5.0, 9.0]).std(unbiased=False).item()
     torch.testing.assert_close(a1, (r1 - batch_mean) / (batch_std + 1e-6))  # too few per prompt: batch stats
-    assert stats == {0: [1.0, 3.0], 1: [5.0, 9.0]}
+    assert stats == {"a": [1.0, 3.0], "b": [5.0, 9.0]}
     r2 = torch.tensor([2.0, 4.0, 7.0, 7.0])
     a2 = ppo.per_prompt_advantages(stats, ids, r2, buffer_size=3, min_count=3)
-    assert stats == {0: [3.0, 2.0, 4.0], 1: [9.0, 7.0, 7.0]}  # the last 3 of each prompt
+    assert stats == {"a": [3.0, 2.0, 4.0], "b": [9.0, 7.0, 7.0]}  # the last 3 of each prompt
     m0, s0 = 3.0, torch.tensor([3.0, 2.0, 4.0]).std(unbiased=False).item()
     m1, s1 = 23 / 3, torch.tensor([9.0, 7.0, 7.0]).std(unbiased=False).item()
     torch.testing.assert_close(a2, torch.tensor([(2 - m0) / (s0 + 1e-6), (4 - m0) / (s0 + 1e-6), (7 - m1) / (s1 + 1e-6),

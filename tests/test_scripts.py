@@ -109,8 +109,8 @@ def test_damaged_resume_and_nan_reward_leave_the_checkpoint_intact(tmp_path, mon
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     # a non-finite reward stops the run before any update or save (in-process, with a patched reward)
     monkeypatch.setattr(common, "color", lambda images, prompts: torch.full((images.shape[0],), float("nan")))
-    monkeypatch.setattr(sys, "argv", ["loop.py", *TINY, "--num-epochs", 3, "--output-dir", tmp_path, "--resume", tmp_path / "good",
-                                      "--gradient-accumulation-steps", 1])
+    argv = [*TINY, "--num-epochs", 3, "--output-dir", tmp_path, "--resume", tmp_path / "good", "--gradient-accumulation-steps", 1]
+    monkeypatch.setattr(sys, "argv", ["loop.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "loop.py"), run_name="__main__")
     assert "non-finite" in str(e.value) and "\n" not in str(e.value)
