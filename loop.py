@@ -1,11 +1,9 @@
 # LOOP: leave-one-out PPO (Gupta et al. 2025, arXiv 2503.00897), derived from ppo.py: diff ppo.py loop.py
-"""LOOP: PPO for diffusion with REINFORCE's leave-one-out baseline.
+"""LOOP: PPO for diffusion (ppo.py) with REINFORCE's leave-one-out baseline instead of per-prompt statistics.
 
-Everything is ppo.py's (DDPO_IS: per-step Gaussian policy, clipped importance-sampled loss with CFG in
-training) except the advantage: K trajectories are sampled per prompt and each image's advantage is its
-reward minus the mean reward of the other K - 1 images of the same prompt, computed after rewards are
-gathered across processes. No value network and no running per-prompt statistics. Lines that differ
-from ppo.py are marked `# LOOP`.
+K trajectories per prompt; each image's advantage is its reward minus the mean reward of the other K - 1 images
+of its prompt, computed after rewards are gathered across processes. No value network, no running statistics.
+Everything else is ppo.py's; lines that differ from it are marked `# LOOP`.
 
     python loop.py --k 4 --clip 1e-4                                # SD 1.5, JPEG compressibility, GPU
     python loop.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2
@@ -115,7 +113,7 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int, normalize: bool = Fa
     groups = rewards.view(-1, k)
     advantages = groups - (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
     if normalize:
-        advantages = advantages / (groups.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
+        advantages = advantages / (groups.std(dim=1, correction=0, keepdim=True) + 1e-6)
     return advantages.flatten()
 
 

@@ -1,11 +1,9 @@
 # DDPO_IS: PPO for diffusion (Black et al. 2023, arXiv 2305.13301), derived from reinforce.py: diff reinforce.py ppo.py
-"""PPO for diffusion models (DDPO_IS).
+"""PPO for diffusion models (DDPO_IS): each denoising step is an action of a Gaussian policy.
 
-Each denoising step is an action of a Gaussian policy (common.ddim_step). Sampled trajectories are scored
-by a black-box reward; advantages are the reward standardised by per-prompt running statistics and
-clipped; the policy is trained on the stored transitions with PPO's clipped importance-sampled loss,
-evaluated at every step with the same classifier-free guidance as sampling. Defaults follow the reference
-code, kvablack/ddpo-pytorch (`config/base.py`, per-GPU sizes of `config/dgx.py:compressibility`).
+Trajectories are scored by a black-box reward; the advantage is the reward standardised by per-prompt running
+statistics, clipped; the loss is PPO's clipped importance-sampled objective on the stored transitions, with the
+same classifier-free guidance as sampling. Defaults: kvablack/ddpo-pytorch (config/base.py, config/dgx.py).
 
     python ppo.py                                                   # SD 1.5, JPEG compressibility, GPU
     python ppo.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2
