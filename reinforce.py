@@ -194,7 +194,7 @@ if __name__ == "__main__":
         first = dist.rank * samples_per_process
         pipe.unet.eval()
         batches = []
-        for b in range(args.num_batches_per_epoch):
+        for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
@@ -226,7 +226,7 @@ if __name__ == "__main__":
             # each trajectory trains on its own random order (and subset) of timesteps
             step_perm = torch.argsort(torch.rand(samples_per_process, args.num_steps, generator=g, device=device), dim=1)
             step_perm = step_perm[:, :num_train_timesteps]  # (N, T_train) step indices
-            for m in range(minibatches):
+            for m in common.progress(range(minibatches), enabled=main, desc="training", leave=False):
                 idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
                 steps = step_perm[idx]  # (b, T_train)
                 rows = idx[:, None]

@@ -1,19 +1,17 @@
 # Score as Action (arXiv 2502.01819), derived from ppo.py: diff ppo.py score_as_action.py
-"""Score as Action: continuous-time RL for diffusion models (Zhao et al., ICML 2025).
+"""Score as Action: continuous-time RL for diffusion models (Zhao et al., ICML 2025), on ppo.py's sampler and loss.
 
-The reverse SDE's drift is -f + g^2 a with the action a the score, a = -eps_hat / sqrt(1 - alphabar_t) for an
-eps-model; the DDIM(eta = 1) steps of ppo.py are its discretisation, trained with the same clipped loss. What
-changes is the advantage, per step: A_k = V(t_{k+1}, x_{k+1}) - V(t_k, x_k) (V after the last step = the reward),
-standardised per timestep, with a value that uses the diffusion structure,
-V(t, x_t, c) = cos(pi t / 2N) r(decode(x0_hat(t, x_t)), c) + sin(pi t / 2N) V_phi(x_t, t, c), where V_phi is a
-small network on latents, time and prompt trained by MSE to the return. The KL to the pretrained model is a
-running reward, -(beta/2) ||s_theta - s_pre||^2 log(alphabar_{t_{k+1}} / alphabar_{t_k}) per step. The evaluation
-samples fixed prompts and noise with the training step count and with others (the claim: robustness to the time
-discretisation). Defaults follow the authors' code (hanyang1999/ContTimeRL4DM, `ddpo_continuous/`), except w,
-whose block is shared with ppo.py: pass --guidance 7 for theirs. Lines that differ from ppo.py are marked `# SaA`.
+The action is the score a = -eps_hat / sqrt(1 - alphabar_t) of the reverse SDE, whose discretisation is ppo.py's
+DDIM(eta = 1) step. What changes is the advantage, per step: A_k = V(t_{k+1}, x_{k+1}) - V(t_k, x_k) (V after the
+last step = the reward), standardised per timestep, with a value that uses the diffusion structure,
+V(t, x_t, c) = cos(pi t / 2N) r(decode(x0_hat(t, x_t)), c) + sin(pi t / 2N) V_phi(x_t, t, c), V_phi a small network
+fitted to the return. The KL to the pretrained model is a running reward, -(beta/2) ||s_theta - s_pre||^2
+log(alphabar_{t_{k+1}} / alphabar_{t_k}) per step. The evaluation samples fixed prompts and noise with the training
+step count and with others: the method claims robustness to the time discretisation. Defaults follow the authors'
+code, hanyang1999/ContTimeRL4DM `ddpo_continuous/`. Lines that differ from ppo.py are marked `# SaA`.
 
-    python score_as_action.py --guidance 7                           # SD 1.5, JPEG compressibility, GPU
-    python score_as_action.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2 --eval-num-steps 5 20
+    python score_as_action.py                                       # SD 1.5, JPEG compressibility, GPU
+    python score_as_action.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2
     torchrun --nproc_per_node 8 score_as_action.py --reward aesthetic --prompts simple_animals --beta 1e-4
 """
 
@@ -71,7 +69,7 @@ class Args:
     """DDIM steps T per trajectory"""
     eta: float = 1.0
     """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities"""
-    guidance: float = 5.0
+    guidance: float = 7.0  # SaA
     """classifier-free guidance scale w, used in sampling and in training"""
     sample_batch_size: int = 8
     """images per sampling call per process"""
@@ -114,7 +112,7 @@ class Args:
     adv_clip_max: float = 5.0
     """advantages are clipped to [-adv_clip_max, adv_clip_max]"""
     beta: float = 0.0  # SaA
-    """weight of the KL-to-pretrained running reward -(beta/2) ||s_theta - s_pre||^2 log(alphabar_{t'}/alphabar_t); 0 disables it and its UNet calls"""
+    """weight of the KL running reward -(beta/2) ||s_theta - s_pre||^2 log(alphabar_t' / alphabar_t); 0 turns it off"""
     value_learning_rate: float = 1e-3
     """AdamW learning rate of the value network V_phi"""
     value_batch_size: int = 64
@@ -171,7 +169,7 @@ def step_advantages(values, rewards, running_rewards):  # SaA
 
 def standardise_per_timestep(advantages):  # SaA
     """(A - mean) / (std + 1e-6) of each timestep (column) over the batch."""
-    return (advantages - advantages.mean(0)) / (advantages.std(0, unbiased=False) + 1e-6)
+    return (advantages - advantages.mean(0)) / (advantages.std(0, correction=0) + 1e-6)
 
 
 class ValueNet(torch.nn.Module):  # SaA
@@ -219,7 +217,8 @@ def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guida
         eps = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
         with common.adapters_disabled(pipe.unet):
             eps_pre = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
-        out.append(kl_terms(score_from_eps(eps, alphabar_t), score_from_eps(eps_pre, alphabar_t), alphabar_t, alphabar_next, eta))
+        score, score_pre = score_from_eps(eps, alphabar_t), score_from_eps(eps_pre, alphabar_t)
+        out.append(kl_terms(score, score_pre, alphabar_t, alphabar_next, eta))
     return torch.cat(out).view(b, len(timesteps))
 
 
@@ -254,7 +253,7 @@ if __name__ == "__main__":
     if args.eta <= 0:
         common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
     if args.beta < 0 or (args.beta > 0 and args.lora_rank == 0):  # SaA
-        common.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0), whose disabled adapters give s_pre")
+        common.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0) to disable for s_pre")
     if args.value_batch_size < 1 or args.value_epochs < 0 or min(args.eval_num_steps, default=1) < 1:  # SaA
         common.fail("--value-batch-size must be >= 1, --value-epochs >= 0 and every --eval-num-steps >= 1")
     common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
@@ -296,7 +295,7 @@ if __name__ == "__main__":
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # SaA
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
 
-    def log_images(epoch: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
         if not main:
             return
         with common.autocast(device, precision):
@@ -304,14 +303,15 @@ if __name__ == "__main__":
         grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         grid.save(run_dir / "images" / f"{tag}.png")
-        logger.image("images/eval", grid, epoch)
+        logger.image("images/eval", grid, step)
         evals = {"eval/reward_mean": rewards.mean(), f"eval/reward_mean_{args.num_steps}steps": rewards.mean()}  # SaA
-        for num_steps in [n for n in args.eval_num_steps if n != args.num_steps]:  # SaA: same prompts and noise, other T
+        for num_steps in [n for n in args.eval_num_steps if n != args.num_steps]:  # SaA: same prompts and noise
             with common.autocast(device, precision):
-                _, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **{**sample_kw, "num_steps": num_steps})
+                _, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
+                                             **dict(sample_kw, num_steps=num_steps))
             evals[f"eval/reward_mean_{num_steps}steps"] = rewards.mean()
-        logger.scalars(evals, epoch)
-        common.print0(f"eval at epoch {epoch}: " + ", ".join(f"{k.split('_')[-1]} {v:.4f}" for k, v in list(evals.items())[1:]))
+        logger.scalars(evals, step)
+        common.print0(f"eval reward ({tag}): " + ", ".join(f"{k[17:]} {v:.4f}" for k, v in list(evals.items())[1:]))
 
     if start_epoch == 0 and args.image_every > 0:
         log_images(0, "before")
@@ -322,12 +322,12 @@ if __name__ == "__main__":
         # SAMPLING
         # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
         # this process takes its slice, so the samples do not depend on how many processes share them.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
         all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         pipe.unet.eval()
         batches = []
-        for b in range(args.num_batches_per_epoch):
+        for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
@@ -335,10 +335,10 @@ if __name__ == "__main__":
             with common.autocast(device, precision):
                 traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, return_pred_x0=True,  # SaA: Tweedie x0_hat
                                      generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
-                kl = (sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds, **sample_kw, chunk=len(ids))  # SaA
-                      if args.beta > 0 else torch.zeros_like(traj.log_probs))  # (B, T)
+                kl = (sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds, **sample_kw, chunk=len(ids))
+                      if args.beta > 0 else torch.zeros_like(traj.log_probs))  # SaA: (B, T) KL terms
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, embeds=embeds,
-                                rewards=reward_fn(traj.images, texts), kl=kl,  # SaA: and r(decode(x0_hat)) of every state
+                                rewards=reward_fn(traj.images, texts), kl=kl,  # SaA: and r(decode(x0_hat)) (B, T)
                                 x0_rewards=denoised_rewards(pipe, reward_fn, traj.pred_x0, texts, chunk=len(ids))))
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
@@ -358,7 +358,7 @@ if __name__ == "__main__":
             return structured_value(timesteps[steps], samples["x0_rewards"][rows, steps], v_phi, horizon)
 
         num_states = samples_per_process * args.num_steps
-        g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 - 1 - dist.rank)  # not training's
+        g = common.generator(device, args.seed, epoch, common.SHUFFLE, -1, dist.rank)  # inner epoch -1: V_phi's own
         value_losses = []
         for _ in range(args.value_epochs):
             order = torch.randperm(num_states, generator=g, device=device)
@@ -372,8 +372,9 @@ if __name__ == "__main__":
                 value_optimizer.zero_grad(set_to_none=True)
                 value_losses.append(value_loss.detach())
         with torch.no_grad():
-            values = torch.cat([state_values(flat) for flat in torch.arange(num_states, device=device).split(args.value_batch_size)])
-        advantages = common.gather(step_advantages(values.view(-1, args.num_steps), samples["rewards"], running_rewards))
+            all_states = torch.arange(num_states, device=device).split(args.value_batch_size)
+            values = torch.cat([state_values(flat) for flat in all_states]).view(-1, args.num_steps)  # (N, T)
+        advantages = common.gather(step_advantages(values, samples["rewards"], running_rewards))
         advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
         samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
         reward_curve.append(rewards.mean().item())
@@ -383,22 +384,23 @@ if __name__ == "__main__":
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
         for inner in range(args.num_inner_epochs):
-            g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + inner * 4099 + dist.rank)
+            g = common.generator(device, args.seed, epoch, common.SHUFFLE, inner, dist.rank)
             perm = torch.randperm(samples_per_process, generator=g, device=device)
             # each trajectory trains on its own random order (and subset) of timesteps
             step_perm = torch.argsort(torch.rand(samples_per_process, args.num_steps, generator=g, device=device), dim=1)
             step_perm = step_perm[:, :num_train_timesteps]  # (N, T_train) step indices
-            for m in range(minibatches):
+            for m in common.progress(range(minibatches), enabled=main, desc="training", leave=False):
                 idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
                 steps = step_perm[idx]  # (b, T_train)
                 rows = idx[:, None]
                 latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
-                old_log_probs, adv, embeds = samples["log_probs"][rows, steps], samples["advantages"][rows, steps], samples["embeds"][idx]  # SaA
+                old_log_probs, embeds = samples["log_probs"][rows, steps], samples["embeds"][idx]
+                adv = samples["advantages"][rows, steps]  # SaA: (b, T_train), one advantage per step
                 for j in range(num_train_timesteps):
                     with common.autocast(device, precision):
                         log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], timesteps[steps[:, j]],
                                                            embeds, neg_embeds, **sample_kw)
-                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, j], adv[:, j], args.clip)  # SaA: A_k
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, j], adv[:, j], args.clip)  # SaA
                     scaler.scale(loss / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
                     info["policy_loss"].append(loss.detach())
                     info["approx_kl"].append(approx_kl)
@@ -416,11 +418,11 @@ if __name__ == "__main__":
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
-        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(),
+        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
-                        "debug/value_at_start": values.view(-1, args.num_steps)[:, 0].mean()})  # SaA: V(t_0, x_T)
+                        "debug/value_at_start": values[:, 0].mean()})  # SaA: V(t_0, x_T)
         if value_losses:  # SaA
             metrics["losses/value_loss"] = torch.stack(value_losses).mean()
         if args.beta > 0:  # SaA: sum_k of the per-step KL terms, per trajectory
@@ -429,7 +431,7 @@ if __name__ == "__main__":
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
-            log_images(epoch + 1, "after" if last else f"epoch_{epoch + 1:04d}")
+            log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if main:
                 common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
@@ -437,7 +439,7 @@ if __name__ == "__main__":
                     "scaler": scaler.state_dict(), "value_net": value_net.state_dict(),  # SaA
                     "value_optimizer": value_optimizer.state_dict(), "reward_curve": reward_curve})
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
-    if main:
+    if main and reward_curve:
         common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
                       f"outputs in {run_dir}")
     logger.close()
