@@ -375,8 +375,10 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
 def evaluate(pipe, prompts: Sequence[str], reward_fn, neg_embeds, *, num_steps: int, guidance: float, eta: float, seed: int):
     """Fixed prompts and fixed noise (independent of the epoch): comparable images and rewards over training."""
     embeds = encode_prompts(pipe, prompts)
-    traj = sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, eta=eta,
-                  generator=sample_generators(seed, -1, range(len(prompts)), embeds.device))
+    gens = sample_generators(seed, -1, range(len(prompts)), embeds.device)
+    c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    x_T = draw_noise((len(prompts), c, h, h), gens, embeds.device)  # its own draw: the same x_T for any step count
+    traj = sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, eta=eta, generator=gens, latents=x_T)
     return traj.images, reward_fn(traj.images, list(prompts))
 
 

@@ -290,6 +290,8 @@ if __name__ == "__main__":
         state = common.load_checkpoint(checkpoint, pipe.unet)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if "value_net" not in state:  # SaA
+            common.fail(f"cannot resume from {str(checkpoint)!r}: it has no value network (not a score_as_action.py run)")
         value_net.load_state_dict(state["value_net"])  # SaA
         value_optimizer.load_state_dict(state["value_optimizer"])  # SaA
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # SaA
@@ -349,8 +351,12 @@ if __name__ == "__main__":
             common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
                         f"earlier checkpoints are intact: check the reward function and its inputs")
         # SaA: V_phi is fitted first (MSE of the structured value to the return), then gives every state's value.
-        running_rewards = -args.beta * samples["kl"]  # (N, T): the KL to the pretrained model, as a running reward
-        targets = returns_to_go(samples["rewards"], running_rewards)  # (N, T)
+        # The KL enters as the regularised reward r - beta * sum_k kl_k, the value after the last step and V_phi's target
+        # for every state (ALGORITHMS.md section 5). Kept as a per-step running reward instead, a step's own term would
+        # not depend on its action and the structured value cannot carry the later terms at low noise (cos -> 1).
+        running_rewards = torch.zeros_like(samples["kl"])  # (N, T)
+        final_rewards = samples["rewards"] - args.beta * samples["kl"].sum(1)  # (N,)
+        targets = returns_to_go(final_rewards, running_rewards)  # (N, T)
 
         def state_values(flat):  # the structured value V(t_k, x_{t_k}, c) of flat state indices n * T + k
             rows, steps = flat // args.num_steps, flat % args.num_steps
@@ -374,7 +380,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             all_states = torch.arange(num_states, device=device).split(args.value_batch_size)
             values = torch.cat([state_values(flat) for flat in all_states]).view(-1, args.num_steps)  # (N, T)
-        advantages = common.gather(step_advantages(values, samples["rewards"], running_rewards))
+        advantages = common.gather(step_advantages(values, final_rewards, running_rewards))
         advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
         samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
         reward_curve.append(rewards.mean().item())
