@@ -2,15 +2,17 @@
 """DPOK: online policy gradient with a KL regulariser to the pretrained model (Fan et al. 2023).
 
 Sampling is ppo.py's; what changes is what happens to the samples. Every transition (x_t, x_t', t, c, old
-log-prob, final reward) goes into a replay buffer of the most recent transitions. A value network V_phi(x_t, c, t)
-is fitted to the final reward; the policy is trained on transitions drawn uniformly from the buffer with the
-loss -alpha * (r - V) * clamp(rho, 1 - eps, 1 + eps) + beta * mean((eps_theta - eps_pre)^2), eps_pre being the
-same UNet with its LoRA adapters disabled. Defaults follow the reference code, google-research/google-research
-`dpok/train_online_pg.py`, with its README's single-prompt settings. Lines that differ from ppo.py in more than
-a docstring are marked `# DPOK`; docs/dpok.md has the details.
+log-prob, final reward) goes into a replay buffer of the most recent transitions. The policy is trained on
+transitions drawn uniformly from the buffer with the loss -alpha * (r - V) * clamp(rho, 1 - eps, 1 + eps)
++ beta * mean((eps_theta - eps_pre)^2), eps_pre being the same UNet with its LoRA adapters disabled; then a value
+network V_phi(x_t, c, t) is fitted to the final rewards. Defaults follow the reference code,
+google-research/google-research `dpok/train_online_pg.py`, with its README's single-prompt settings. Changed
+lines of ppo.py's Args and main loop are marked `# DPOK`; docs/dpok.md has the details and the deviations.
 
     python dpok.py --prompt-file prompts.txt --reward aesthetic     # SD 1.5, GPU; multi-prompt: --alpha 1000 --beta 0.1
-    python dpok.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2
+    python dpok.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2 \
+        --sample-batch-size 8 --buffer-size 80 --num-policy-steps 1 --gradient-accumulation-steps 2 \
+        --train-batch-size 40 --value-learning-rate 1e-3 --num-value-steps 20 --num-value-batches 1  # CPU toy task
     torchrun --nproc_per_node 8 dpok.py --reward aesthetic --prompts simple_animals --alpha 1000 --beta 0.1
 """
 
@@ -104,7 +106,7 @@ class Args:
     num_policy_steps: int = 5  # DPOK
     """policy optimiser steps per epoch (per sampling round)"""
     clip: float = 1e-4
-    """the ratio is clamped to [1 - clip, 1 + clip]: a plain clamp, so a transition outside it gives no policy gradient"""
+    """the ratio is clamped to [1 - clip, 1 + clip] (a plain clamp: outside it a transition has no policy gradient)"""
     alpha: float = 10.0  # DPOK
     """reward weight alpha of the policy loss (the reference: 10 for one prompt, 1000 for many)"""
     beta: float = 0.01  # DPOK
@@ -115,8 +117,10 @@ class Args:
     """AdamW learning rate of the value network V_phi (torch's default weight decay 0.01, as the reference)"""
     value_batch_size: int = 256  # DPOK
     """transitions per value minibatch per process"""
+    num_value_steps: int = 1  # DPOK
+    """value optimiser steps per epoch (the reference: 1)"""
     num_value_batches: int = 5  # DPOK
-    """value minibatches per epoch, accumulated into one value optimiser step (as the reference)"""
+    """value minibatches accumulated into each value optimiser step (the reference: 5)"""
 
 
 class ValueNet(torch.nn.Module):  # DPOK
@@ -145,7 +149,8 @@ class ValueNet(torch.nn.Module):  # DPOK
 
 def value_loss(value_net, batch: dict):
     """The value regression on buffer transitions: L(phi) = mean((V_phi(x_t, c, t) - r(x_0, c))^2)."""
-    return torch.nn.functional.mse_loss(value_net(batch["latents"], batch["text"], batch["steps"]), batch["rewards"].float())
+    prediction = value_net(batch["latents"], batch["text"], batch["steps"])
+    return torch.nn.functional.mse_loss(prediction, batch["rewards"].float())
 
 
 def to_transitions(latents, log_probs, rewards, text, prompt_ids) -> dict:
@@ -153,7 +158,8 @@ def to_transitions(latents, log_probs, rewards, text, prompt_ids) -> dict:
     stores them (all N at step 0, then step 1, ...). The prompt is kept as its id: the token embeddings for the UNet
     are re-encoded when a transition is trained on; `text` (N, D) is V_phi's pooled prompt embedding."""
     n, num_steps = log_probs.shape
-    return dict(latents=latents[:, :-1].transpose(0, 1).flatten(0, 1), next_latents=latents[:, 1:].transpose(0, 1).flatten(0, 1),
+    step_major = latents.transpose(0, 1)  # (T+1, N, C, h, w)
+    return dict(latents=step_major[:-1].flatten(0, 1), next_latents=step_major[1:].flatten(0, 1),
                 steps=torch.arange(num_steps, device=latents.device).repeat_interleave(n), log_probs=log_probs.T.flatten(),
                 rewards=rewards.repeat(num_steps), text=text.repeat(num_steps, 1), prompt_ids=prompt_ids.repeat(num_steps))
 
@@ -207,15 +213,18 @@ if __name__ == "__main__":
         common.fail(f"--k {args.k}: need at least one image per prompt")
     if args.sample_batch_size % args.k:
         common.fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
+    if min(args.num_policy_steps, args.gradient_accumulation_steps, args.num_value_steps, args.num_value_batches) < 1:
+        common.fail("--num-policy-steps, --gradient-accumulation-steps, --num-value-steps, --num-value-batches: "
+                    "each must be at least 1")  # DPOK
     if args.lora_rank < 1 and args.beta != 0:  # DPOK
-        common.fail("--lora-rank 0: the KL term takes the pretrained model as the UNet with its LoRA adapters disabled; "
+        common.fail("--lora-rank 0: the KL term's pretrained model is the UNet with its LoRA adapters disabled; "
                     "use --lora-rank 1 or more (or --beta 0)")
     if args.eta <= 0:
         common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
     common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
-                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch of {args.gradient_accumulation_steps} x "
-                  f"{args.train_batch_size} transitions from a buffer of {args.buffer_size}, one value step of {args.num_value_batches} x "
-                  f"{args.value_batch_size}", enabled=main)  # DPOK
+                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch of {args.gradient_accumulation_steps}"
+                  f" x {args.train_batch_size} transitions from a buffer of {args.buffer_size}, {args.num_value_steps} value "
+                  f"steps of {args.num_value_batches} x {args.value_batch_size}", enabled=main)  # DPOK
 
     checkpoint = common.find_checkpoint(args.resume) if args.resume else None
     run_dir = (Path(args.output_dir) / args.run_name if args.run_name else checkpoint.parent.parent if checkpoint
@@ -239,7 +248,8 @@ if __name__ == "__main__":
     latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2  # DPOK
     torch.manual_seed(args.seed)  # DPOK: V_phi starts the same on every process
     value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)  # DPOK: float32
-    value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)  # DPOK
+    value_params = list(value_net.parameters())  # DPOK
+    value_optimizer = torch.optim.AdamW(value_params, lr=args.value_learning_rate)  # DPOK
     start_epoch, global_step, buffer, reward_curve = 0, 0, {}, []  # DPOK
     if checkpoint:
         state = common.load_checkpoint(checkpoint, pipe.unet)
@@ -250,10 +260,10 @@ if __name__ == "__main__":
         value_optimizer.load_state_dict(state["value_optimizer"])  # DPOK
         if state["world_size"] != dist.world_size:  # DPOK: the buffers are per process
             common.fail(f"{checkpoint} holds the replay buffers of {state['world_size']} processes; resume with as many")
-        buffer = {key: value.chunk(dist.world_size)[dist.rank].to(device) for key, value in state["buffer"].items()}  # DPOK
+        buffer = {key: value.chunk(dist.world_size)[dist.rank].to(device) for key, value in state["buffer"].items()}
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
 
-    def log_images(epoch: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
         if not main:
             return
         with common.autocast(device, precision):
@@ -261,8 +271,8 @@ if __name__ == "__main__":
         grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         grid.save(run_dir / "images" / f"{tag}.png")
-        logger.image("images/eval", grid, epoch)
-        logger.scalars({"eval/reward_mean": rewards.mean()}, epoch)
+        logger.image("images/eval", grid, step)
+        logger.scalars({"eval/reward_mean": rewards.mean()}, step)
 
     if start_epoch == 0 and args.image_every > 0:
         log_images(0, "before")
@@ -273,12 +283,12 @@ if __name__ == "__main__":
         # SAMPLING
         # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
         # this process takes its slice, so the samples do not depend on how many processes share them.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
         all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         pipe.unet.eval()
         batches = []
-        for b in range(args.num_batches_per_epoch):
+        for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
@@ -297,34 +307,32 @@ if __name__ == "__main__":
             common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
                         f"earlier checkpoints are intact: check the reward function and its inputs")
         reward_curve.append(rewards.mean().item())
-        # DPOK: this epoch's transitions enter the replay buffer (each process keeps its own), then V_phi takes one AdamW
-        # step on num_value_batches uniform minibatches of the buffer (accumulated, as the reference).
-        # Advantages A = r - V_phi(x_t, c, t) are computed per transition in TRAINING, with the updated V_phi.
-        buffer = buffer_add(buffer, to_transitions(samples["latents"], samples["log_probs"], samples["rewards"], samples["text"],
-                                                   all_prompt_ids[first : first + samples_per_process].to(device)), args.buffer_size)
-        g = torch.Generator(device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + dist.rank)
-        draws = torch.rand(args.num_value_batches + minibatches, len(buffer["rewards"]), generator=g, device=device).argsort(dim=1)
-        info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": [], "value_loss": []}
-        for idx in draws[: args.num_value_batches, : args.value_batch_size]:  # uniform, without replacement in a minibatch
-            loss = value_loss(value_net, {key: value[idx] for key, value in buffer.items()})
-            (loss / args.num_value_batches).backward()
-            info["value_loss"].append(loss.detach())
-        common.average_gradients(list(value_net.parameters()))
-        value_optimizer.step()
-        value_optimizer.zero_grad(set_to_none=True)
+        # DPOK: this epoch's transitions join the replay buffer (one per process, the most recent buffer_size kept) and
+        # every buffered transition gets A = r - V_phi(x_t, c, t) from the value network as fitted on EARLIER epochs: a
+        # baseline that has not seen these rewards (the reference fits V_phi first: docs/dpok.md, detail 4).
+        transitions = to_transitions(samples["latents"], samples["log_probs"], samples["rewards"], samples["text"],
+                                     all_prompt_ids[first : first + samples_per_process].to(device))
+        buffer = buffer_add(buffer, transitions, args.buffer_size)
+        with torch.no_grad():
+            advantages = buffer["rewards"] - value_net(buffer["latents"], buffer["text"], buffer["steps"])
 
         # TRAINING
-        # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches drawn uniformly from the buffer
+        # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches drawn uniformly from
+        # the buffer (without replacement within a draw), then V_phi's step(s)
         pipe.unet.train()
-        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, then the staleness of the buffer
-        for m, idx in enumerate(draws[args.num_value_batches :, : args.train_batch_size]):
+        info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": [], "value_loss": []}
+        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, later the buffer's staleness
+        g = common.generator(device, args.seed, epoch, common.SHUFFLE, dist.rank)
+        num_draws = minibatches + args.num_value_steps * args.num_value_batches
+        draws = torch.rand(num_draws, len(buffer["rewards"]), generator=g, device=device).argsort(dim=1)  # uniform rows
+        micro_batches = draws[:minibatches, : args.train_batch_size]
+        for m, idx in enumerate(common.progress(micro_batches, enabled=main, desc="training", leave=False)):
             batch = {key: value[idx] for key, value in buffer.items()}  # b transitions
-            latents, t = batch["latents"], timesteps[batch["steps"]]
+            latents, t, adv = batch["latents"], timesteps[batch["steps"]], advantages[idx]
             embeds = common.encode_prompts(pipe, [prompts[i] for i in batch["prompt_ids"].tolist()])  # (b, 77, D)
-            with torch.no_grad():
-                adv = batch["rewards"] - value_net(latents, batch["text"], batch["steps"])
             with common.autocast(device, precision):
-                log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds, **sample_kw)
+                log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds,
+                                                     **sample_kw)
                 with torch.no_grad(), common.adapters_disabled(pipe.unet):
                     eps_pre = common.guided_noise(pipe.unet, latents, t, embeds, neg_embeds, args.guidance)
             loss, approx_kl, clipfrac = policy_loss(log_prob, batch["log_probs"], adv, args.clip)
@@ -344,10 +352,19 @@ if __name__ == "__main__":
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
+        # DPOK: V_phi fitted to the final rewards, num_value_steps AdamW steps of num_value_batches minibatches each
+        for v, idx in enumerate(draws[minibatches:, : args.value_batch_size]):
+            loss = value_loss(value_net, {key: value[idx] for key, value in buffer.items()})
+            (loss / args.num_value_batches).backward()
+            info["value_loss"].append(loss.detach())
+            if (v + 1) % args.num_value_batches == 0:
+                common.average_gradients(value_params)
+                value_optimizer.step()
+                value_optimizer.zero_grad(set_to_none=True)
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
-        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(),
+        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
@@ -355,16 +372,16 @@ if __name__ == "__main__":
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/kl_to_ref']:.2e}")  # DPOK
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
-            log_images(epoch + 1, "after" if last else f"epoch_{epoch + 1:04d}")
+            log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
-            all_buffers = {key: common.gather(value) for key, value in buffer.items()}  # DPOK: every process's, in rank order
+            all_buffers = {key: common.gather(value) for key, value in buffer.items()}  # DPOK: all processes', by rank
             if main:
                 common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),  # DPOK
-                    "value_optimizer": value_optimizer.state_dict(), "buffer": all_buffers, "world_size": dist.world_size})  # DPOK
+                    "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),
+                    "value_optimizer": value_optimizer.state_dict(), "buffer": all_buffers, "world_size": dist.world_size})
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
-    if main:
+    if main and reward_curve:
         common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
                       f"outputs in {run_dir}")
     logger.close()
