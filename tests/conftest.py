@@ -32,5 +32,6 @@ def perturb_lora(unet, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in unet.named_parameters():
+            p.grad = None  # and leave no gradients behind for the next test
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -25,6 +25,8 @@ def test_kl_term_is_zero_at_init_and_positive_after_one_update(tiny, embeds):
     traj = common.sample(tiny, emb, neg, **KW, generator=torch.Generator().manual_seed(0))
     params = common.trainable_parameters(tiny.unet)
     saved = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = None  # the session-wide tiny model may carry gradients from other tests
     try:
         log_prob, eps, eps_pre = _step(tiny, emb, neg, traj.latents[:, 0], traj.latents[:, 1], traj.timesteps[0])
         assert torch.equal(eps, eps_pre)  # zero-initialised LoRA B: the policy is the pretrained model exactly
