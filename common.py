@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -220,11 +219,13 @@ def adapters_disabled(unet):
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """CLIP text embeddings, padded to the tokenizer's 77 tokens: (B, 77, D)."""
+def encode_prompts(pipe, prompts: Sequence[str], pooled: bool = False):
+    """CLIP text embeddings, padded to the tokenizer's 77 tokens: (B, 77, D); with `pooled`, also the pooled
+    embedding (the last hidden state at the end-of-text token), (B, D), from the same forward."""
     ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    out = pipe.text_encoder(ids.to(pipe.text_encoder.device))
+    return (out[0], out[1]) if pooled else out[0]
 
 
 def guided_noise(unet, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:

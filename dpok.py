@@ -171,14 +171,6 @@ def buffer_add(buffer: dict, transitions: dict, size: int) -> dict:
     return {key: value[-size:] for key, value in transitions.items()}
 
 
-@torch.no_grad()
-def pooled_embeds(pipe, prompts: list) -> torch.Tensor:
-    """CLIP's pooled prompt embedding (the last hidden state at the end-of-text token), (B, D): V_phi's input."""
-    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[1].float()
-
-
 def policy_loss(log_prob, old_log_prob, advantages, clip: float):
     """DPOK's policy term: mean(-A * clamp(rho, 1 - eps, 1 + eps)), rho = exp(log pi_theta - log pi_old) and
     A = r - V_phi(x_t, c, t) (no gradient into V_phi). At rho = 1 its gradient is REINFORCE's -A grad log pi_theta
@@ -292,11 +284,11 @@ if __name__ == "__main__":
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
-            embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
+            embeds, pooled = common.encode_prompts(pipe, texts, pooled=True)  # DPOK: (B, 77, D), and (B, D) for V_phi
             with common.autocast(device, precision):
                 traj = common.sample(pipe, embeds, neg_embeds, **sample_kw,
                                      generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
-            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, text=pooled_embeds(pipe, texts),  # DPOK
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, text=pooled.float(),  # DPOK
                                 rewards=reward_fn(traj.images, texts)))
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory

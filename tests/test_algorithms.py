@@ -1,6 +1,5 @@
 """The methods' own functions: advantages, losses and their gradients, against hand computations."""
 
-import pytest
 import torch
 
 import common
