@@ -27,12 +27,17 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
+import world
+
 # The hub id of Stable Diffusion 1.5 (the original `runwayml/...` repository was withdrawn in 2024;
 # this is its maintained mirror with the same weights).
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Offline stand-ins: same architecture classes, built from configs with seeded random weights.
 TINY = "tiny"  # ~0.8M UNet parameters, 32x32 images: tests and CPU demos
 SD15_RANDOM = "sd15-random"  # Stable Diffusion 1.5's exact shapes and cost: speed and memory benchmarks
+# The pretrained model of the synthetic shapes world (world/shapes, made by `python -m world.pretrain`): a local
+# diffusers folder that ships with the project, so learning can be seen on a CPU (docs/world.md).
+SHAPES = "shapes"
 
 
 def fail(message: str):
@@ -144,6 +149,8 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
+    if model == SHAPES:
+        model = str(world.MODEL_DIR)
     if model in (TINY, SD15_RANDOM):
         pipe = _offline_pipeline(model, seed=0)  # the "pretrained" weights are the same for every run
     else:
@@ -517,7 +524,13 @@ def aesthetic(device, weights: Optional[str] = None):
     return AestheticReward(clip_model, mlp.to(device))
 
 
-REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "color")
+def shapes(images, prompts):
+    """The shapes world's compositional reward (world.reward): per named '<colour> <shape>' object, is there a
+    region of that colour with that shape; mean over objects, penalised for extra objects; in [0, 1]."""
+    return world.reward(images, prompts)
+
+
+REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "color", "shapes")
 
 
 def make_reward(name: str, device, aesthetic_weights: Optional[str] = None) -> Callable:
@@ -543,7 +556,22 @@ PROMPT_SETS = {
     # The toy set for the `color` reward: each prompt names the colour the image should have.
     # Warm colours: a prompt-independent shift towards red already helps, so the tiny model learns in minutes.
     "colors": ["a red image", "a yellow image", "a magenta image", "a white image"],
+    # The shapes world (--model shapes, --reward shapes): 60 two-object prompts such as "a blue square and a
+    # yellow triangle" for training, and 30 held-out combinations of colour and shape for evaluation.
+    "shapes": world.PAIRS_TRAIN,
+    "shapes_eval": world.PAIRS_EVAL,
 }
+
+
+EVAL_IMAGES = 32  # images in each fixed evaluation (prompts and noise fixed for the whole run)
+
+
+def load_eval_prompts(name: str, prompt_file: Optional[str] = None) -> list:
+    """The fixed evaluation prompts: the set's held-out counterpart `NAME_eval` where one exists (disjoint from
+    the training prompts, as T2I-CompBench keeps them), else the training prompts, cycled to EVAL_IMAGES."""
+    held_out = name + "_eval"
+    prompts = load_prompts(held_out) if prompt_file is None and held_out in PROMPT_SETS else load_prompts(name, prompt_file)
+    return (prompts * EVAL_IMAGES)[:EVAL_IMAGES]
 
 
 def load_prompts(name: str, prompt_file: Optional[str] = None) -> list:

@@ -57,7 +57,7 @@ class Args:
     """torch.compile the UNet"""
     # --- model and sampler
     model: str = common.SD15
-    """hub id or local diffusers folder; `tiny` is an offline random model for CPU runs and tests"""
+    """hub id or local diffusers folder; offline: `shapes` (the pretrained shapes world, CPU demos) or `tiny` (random, tests)"""
     lora_rank: int = 4
     """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
     lora_alpha: Optional[float] = None
@@ -74,11 +74,11 @@ class Args:
     """sampling calls per epoch per process"""
     # --- reward and prompts
     reward: str = "jpeg_compressibility"
-    """jpeg_compressibility, jpeg_incompressibility, aesthetic, or color (the offline toy reward, with --prompts colors)"""
+    """jpeg_compressibility, jpeg_incompressibility, aesthetic, shapes (compositional, --prompts shapes) or color (toy)"""
     aesthetic_weights: Optional[str] = None
     """local weights of the LAION aesthetic MLP (default: from the hub)"""
     prompts: str = "simple_animals"
-    """built-in prompt set: simple_animals or colors"""
+    """built-in prompt set: simple_animals, shapes (evaluated on its held-out shapes_eval) or colors"""
     prompt_file: Optional[str] = None
     """a text file with one prompt per line (overrides --prompts)"""
     # --- algorithm
@@ -154,7 +154,7 @@ if __name__ == "__main__":
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
-    eval_prompts = (prompts * 16)[:16]  # fixed prompts and noise for comparable grids and eval rewards
+    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(pipe.unet)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

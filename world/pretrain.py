@@ -1,0 +1,240 @@
+"""Pretrain the shapes world's text-to-image model from scratch on a CPU: `python -m world.pretrain`.
+
+Three stages, each a plain supervised loop on images rendered on the fly by `world.render`:
+  1. VAE (AutoencoderKL, the `tiny` config: 32x32x3 <-> 4x8x8): reconstruction (MSE) + a small KL;
+  2. the decoder alone, encoder frozen (sharper corners; the latents do not move);
+  3. UNet2DConditionModel (the `tiny` config), epsilon-prediction on Stable Diffusion's 1000-step
+     scaled-linear schedule, on pre-encoded latents, conditioned on the frozen random CLIP text encoder of
+     the `tiny` model (hidden 32), with 10% empty captions for classifier-free guidance and an EMA.
+Then it writes a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+that `StableDiffusionPipeline.from_pretrained` and every script (`--model shapes` or `--model PATH`) load,
+and prints how often samples are right (`world.judge`) for single- and two-object prompts.
+
+    python -m world.pretrain                              # the committed model (about 30 min on 2 cores)
+    python -m world.pretrain --out /tmp/shapes --unet-steps 500 --vae-steps 300 --decoder-steps 100  # smoke test
+
+The data are deterministic from `--seed`; bit-identical weights also need the same CPU and thread count.
+"""
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+import common
+import world
+
+
+@dataclass
+class Args:
+    out: str = str(world.MODEL_DIR)
+    """the diffusers folder to write (default: the committed model, world/shapes)"""
+    seed: int = 0
+    """seed of the data, the weights' initialisation and the training order"""
+    threads: int = 2
+    """torch CPU threads"""
+    vae_steps: int = 1500
+    """stage 1: VAE steps (encoder and decoder)"""
+    decoder_steps: int = 1000
+    """stage 2: decoder-only steps"""
+    vae_batch: int = 64
+    """VAE batch size"""
+    vae_lr: float = 1e-3
+    """VAE AdamW learning rate"""
+    kl_weight: float = 1e-4
+    """weight of the VAE's KL term (per latent element, against the per-pixel MSE)"""
+    unet_steps: int = 4000
+    """stage 3: UNet steps"""
+    unet_batch: int = 64
+    """UNet batch size"""
+    unet_lr: float = 1e-3
+    """UNet AdamW peak learning rate (linear warm-up over 200 steps, then cosine to 10%)"""
+    ema: float = 0.999
+    """EMA decay of the UNet weights (the EMA weights are the ones saved)"""
+    num_latents: int = 60000
+    """images rendered and encoded once for the UNet stage"""
+    p_two: float = 0.5
+    """share of two-object images in the data"""
+    caption_dropout: float = 0.1
+    """share of empty captions (classifier-free guidance)"""
+    eval_every: int = 1000
+    """judge samples of the EMA UNet every this many steps (0: only at the end)"""
+    eval_images: int = 96
+    """images per kind (single, two objects) in each judgement"""
+    guidance: float = 5.0
+    """classifier-free guidance scale of the judgement's samples"""
+    eval_steps: int = 20
+    """DDIM steps of the judgement's samples"""
+    resume_vae: Optional[str] = None
+    """skip stages 1-2 and take the VAE from this diffusers folder (its vae/ subfolder)"""
+    vae_only: bool = False
+    """stop after stages 1-2 (the VAE is saved to OUT/vae either way)"""
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def batch(rng: np.random.Generator, n: int, p_two: float):
+    images, captions = world.render(rng, n, p_two)
+    return torch.from_numpy(images) * 2 - 1, captions  # VAE space [-1, 1]
+
+
+def train_vae(vae, args, rng):
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    t0, total = time.time(), args.vae_steps + args.decoder_steps
+    for step in range(total):
+        if step == args.vae_steps:  # stage 2: freeze the encoder so the latent space stays where it is
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
+            opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], weight_decay=0.0)
+        stage1 = step < args.vae_steps
+        progress = step / args.vae_steps if stage1 else (step - args.vae_steps) / max(args.decoder_steps, 1)
+        for g in opt.param_groups:  # cosine from the peak to 10% within each stage
+            g["lr"] = (args.vae_lr if stage1 else args.vae_lr / 2) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        x, _ = batch(rng, args.vae_batch, args.p_two)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample() if stage1 else posterior.mode()
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel() if stage1 else torch.zeros(())
+        loss = mse + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 250 == 0 or step == total - 1:
+            err = (recon - x).abs().mean().item() * 127.5  # mean absolute error in 0-255 levels
+            log(f"vae {step:5d}/{total} mse {mse.item():.5f} kl {kl.item():.3f} |err| {err:.2f}/255 ({time.time() - t0:.0f} s)")
+    vae.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def encode_dataset(vae, args, rng):
+    """Render and encode `num_latents` images once: latent means and stds (B, 4, 8, 8) and captions."""
+    means, stds, captions = [], [], []
+    for _ in range(math.ceil(args.num_latents / 500)):
+        x, caps = batch(rng, 500, args.p_two)
+        d = vae.encode(x).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+        captions += caps
+    return torch.cat(means)[: args.num_latents], torch.cat(stds)[: args.num_latents], captions[: args.num_latents]
+
+
+@torch.no_grad()
+def judge_model(pipe, args, seed: int = 1234) -> dict:
+    """Share of samples judged right, for fresh single- and two-object prompts drawn from the world."""
+    rng = np.random.default_rng(seed)
+    neg = common.encode_prompts(pipe, [""])
+    out = {}
+    for kind, n_obj in (("single", 1), ("two", 2)):
+        prompts = [world.caption(world.random_objects(rng, n_obj)) for _ in range(args.eval_images)]
+        embeds = common.encode_prompts(pipe, prompts)
+        g = torch.Generator().manual_seed(seed + n_obj)
+        traj = common.sample(pipe, embeds, neg, num_steps=args.eval_steps, guidance=args.guidance, eta=1.0, generator=g)
+        out[kind] = world.judge(traj.images, prompts).float().mean().item()
+        out[kind + "_reward"] = world.reward(traj.images, prompts).mean().item()
+    return out
+
+
+def main(args: Args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    pipe = common._offline_pipeline(common.TINY, seed=0)  # its text encoder (frozen) and tokenizer are kept
+    t_start = time.time()
+    history = {"args": vars(args)}
+
+    # 1-2. VAE
+    if args.resume_vae:
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(args.resume_vae, subfolder="vae")
+        pipe.vae.requires_grad_(False).eval()
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(args.seed)
+            pipe.vae = type(pipe.vae).from_config(pipe.vae.config)  # fresh init (no output amplification)
+        train_vae(pipe.vae, args, rng)
+        pipe.vae.save_pretrained(out / "vae", safe_serialization=True)
+    t_vae = time.time() - t_start
+    if args.vae_only:
+        return
+    means, stds, captions = encode_dataset(pipe.vae, args, rng)
+    scaling = 1.0 / means.std().item()
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    log(f"VAE done in {t_vae:.0f} s; latent std {means.std().item():.3f} -> scaling_factor {scaling:.4f}")
+
+    # 3. UNet
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        unet = type(pipe.unet).from_config(pipe.unet.config)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    pipe.unet = ema
+    sched = common.ddim_scheduler()
+    alphas = sched.alphas_cumprod
+    with torch.no_grad():
+        caption_embeds = {}
+        for i in range(0, len(captions), 1000):  # each distinct caption once
+            chunk = sorted(set(captions[i : i + 1000]) - set(caption_embeds))
+            if chunk:
+                caption_embeds.update(zip(chunk, common.encode_prompts(pipe, chunk)))
+        empty = common.encode_prompts(pipe, [""])[0]
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(args.seed)
+    t0, losses = time.time(), []
+    history["unet"] = []
+    for step in range(args.unet_steps):
+        warm = min(1.0, (step + 1) / 200)
+        cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+        for group in opt.param_groups:
+            group["lr"] = args.unet_lr * warm * cos
+        idx = torch.randint(len(captions), (args.unet_batch,), generator=g)
+        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
+        drop = torch.rand(args.unet_batch, generator=g) < args.caption_dropout
+        cond = torch.stack([empty if d else caption_embeds[captions[i]] for i, d in zip(idx.tolist(), drop.tolist())])
+        t = torch.randint(sched.config.num_train_timesteps, (args.unet_batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log(f"unet {step + 1:5d}/{args.unet_steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)")
+            history["unet"].append({"step": step + 1, "loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0})
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.unet_steps:
+            scores = judge_model(pipe, args)
+            history["unet"][-1].update(scores)
+            log(f"judged at {step + 1}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
+
+    scores = judge_model(pipe, args)
+    seconds = time.time() - t_start
+    history.update(final=scores, seconds=seconds, vae_seconds=t_vae)
+    log(f"final ({seconds / 60:.1f} min in all): {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
+    pipe.scheduler = sched
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "pretrain_log.json").write_text(json.dumps(history, indent=1))
+    log(f"saved to {out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
