@@ -1,0 +1,252 @@
+"""The efficiency-effectiveness study (LOOP's central experiment) on the pretrained shapes world, on a CPU.
+
+Every method runs as a user runs it (a subprocess of its script, same flags where they mean the same thing)
+at the same budget of generated images, over several seeds. From the runs' TensorBoard events it writes a CSV
+of every evaluation and three figures: eval reward against images seen and against wall-clock (mean and a
+band of one std over seeds, one line per method), and LOOP's final reward against K.
+
+    python benchmarks/study.py                  # the committed figures and table (docs/benchmarks.md)
+    python benchmarks/study.py --quick          # a smoke test of the whole pipeline in a few minutes
+    python benchmarks/study.py --jobs 1         # one run at a time (2 threads each) instead of two (1 each)
+
+Finished runs are skipped on a rerun (delete the run folder to redo one); an interrupted run starts over.
+"""
+
+import csv
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    out: str = str(ROOT / "benchmarks" / "study")
+    """where the CSV, the figures and the table go (the runs go to OUT/runs)"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds of every configuration"""
+    methods: Optional[tuple[str, ...]] = None
+    """run only these configurations (names as in the table), e.g. loop_k4 ppo_k1 (default: all)"""
+    images: int = 512
+    """budget of generated training images per run"""
+    images_per_epoch: int = 32
+    """images sampled per epoch (one optimiser step per 16 images for the PPO family)"""
+    eval_every: int = 2
+    """epochs between evaluations (32 fixed held-out prompts and noise)"""
+    num_steps: int = 10
+    """DDIM steps of sampling and training"""
+    jobs: int = 2
+    """runs at once; each gets 2 // jobs torch threads (at least 1)"""
+    quick: bool = False
+    """smoke test: two configurations, one seed, 64 images, 5 DDIM steps"""
+    target: float = 0.0
+    """eval reward that counts as 'reached' in the table (0: the pretrained model's eval reward + 0.1)"""
+
+
+# One line per configuration: the script and the flags that make it that method. Learning rates were chosen by
+# a small sweep per method on this world (docs/benchmarks.md); everything else is each script's default.
+BATCH = ["--sample-batch-size", "16", "--train-batch-size", "8", "--gradient-accumulation-steps", "2"]
+CONFIGS = {
+    "reinforce_k4": ("reinforce", ["--k", "4", "--learning-rate", "1e-2", "--sample-batch-size", "16", "--train-batch-size", "8"]),
+    "ppo_k1": ("ppo", ["--k", "1", "--learning-rate", "1e-2", *BATCH]),
+    "ppo_k4": ("ppo", ["--k", "4", "--learning-rate", "1e-2", *BATCH]),
+    "loop_k2": ("loop", ["--k", "2", "--learning-rate", "1e-2", *BATCH]),
+    "loop_k4": ("loop", ["--k", "4", "--learning-rate", "1e-2", *BATCH]),
+    "loop_k8": ("loop", ["--k", "8", "--learning-rate", "1e-2", *BATCH]),
+    "dpok": ("dpok", ["--learning-rate", "1e-3", "--sample-batch-size", "16"]),
+    "score_as_action": ("score_as_action", ["--learning-rate", "1e-2", *BATCH, "--eval-num-steps", "5"]),
+}
+QUICK = ("loop_k4", "ppo_k1")
+
+
+@dataclass
+class Run:
+    name: str
+    seed: int
+    script: str
+    flags: list
+    dir: Path
+    epochs: int
+    images_per_epoch: int
+    seconds: float = 0.0
+    evals: list = field(default_factory=list)  # (epoch, images, seconds, reward)
+
+
+def command(run: Run, args: Args) -> list:
+    return [sys.executable, str(ROOT / f"{run.script}.py"), "--model", "shapes", "--reward", "shapes", "--prompts", "shapes",
+            "--num-steps", str(args.num_steps), "--num-batches-per-epoch", str(args.images_per_epoch // 16 if not args.quick else 1),
+            *run.flags, "--num-epochs", str(run.epochs), "--image-every", str(args.eval_every), "--save-every", "0",
+            "--seed", str(run.seed), "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
+
+
+def finished(run: Run) -> bool:
+    return (run.dir / "checkpoints" / f"epoch_{run.epochs:04d}").exists() and (run.dir / "done.json").exists()
+
+
+def execute(run: Run, args: Args, threads: int, log) -> Run:
+    if finished(run):
+        run.seconds = json.loads((run.dir / "done.json").read_text())["seconds"]
+        log(f"skip {run.dir.name} (finished)")
+        return run
+    import shutil
+
+    shutil.rmtree(run.dir, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.time()
+    proc = subprocess.run(command(run, args), cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {run.dir.name} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    run.seconds = time.time() - t0
+    (run.dir / "done.json").write_text(json.dumps({"seconds": run.seconds, "command": command(run, args)}))
+    log(f"done {run.dir.name} in {run.seconds:.0f} s")
+    return run
+
+
+def read_evals(run: Run, args: Args):
+    """(epoch, images seen, seconds since the first evaluation, eval reward, kl) of each evaluation, in order.
+
+    The scripts evaluate before training, every --image-every epochs and after the last; the i-th event is
+    therefore at epoch min(i * eval_every, epochs).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run.dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    evals = acc.Scalars("eval/reward_mean")
+    kl_tag = next((t for t in ("losses/kl_to_ref", "losses/approx_kl") if t in acc.Tags()["scalars"]), None)
+    kls = acc.Scalars(kl_tag) if kl_tag else []
+    rows = []
+    for i, e in enumerate(evals):
+        epoch = min(i * args.eval_every, run.epochs)
+        kl = [k.value for k in kls if k.step <= e.step]
+        rows.append((epoch, epoch * run.images_per_epoch, e.wall_time - evals[0].wall_time, e.value,
+                     kl[-1] if kl and kl_tag == "losses/kl_to_ref" else float("nan")))
+    return rows
+
+
+def plot(rows: list, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in names:
+        mine = [r for r in rows if r["method"] == name]
+        images = sorted({r["images"] for r in mine})
+        curves = [[r["eval_reward"] for r in mine if r["images"] == i] for i in images]
+        mean, std = np.array([np.mean(c) for c in curves]), np.array([np.std(c) for c in curves])
+        seconds = np.array([np.mean([r["seconds"] for r in mine if r["images"] == i]) for i in images])
+        for ax, x in ((axes[0], np.array(images)), (axes[1], seconds)):
+            ax.plot(x, mean, label=name)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    axes[0].set_xlabel("training images generated")
+    axes[1].set_xlabel("wall-clock seconds (CPU)")
+    for ax in axes:
+        ax.set_ylabel("eval reward (held-out prompts)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reward_vs_images_and_time.png", dpi=110)
+    plt.close(fig)
+
+    loops = sorted((int(n.split("_k")[1]), n) for n in names if n.startswith("loop_k"))
+    if loops:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        finals = [[r["eval_reward"] for r in rows if r["method"] == n and r["final"]] for _, n in loops]
+        ax.errorbar([k for k, _ in loops], [np.mean(f) for f in finals], yerr=[np.std(f) for f in finals], marker="o", capsize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("K (images per prompt)")
+        ax.set_ylabel("final eval reward")
+        ax.set_title("LOOP at the same image budget")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "loop_reward_vs_k.png", dpi=110)
+        plt.close(fig)
+
+
+def table(rows: list, target: float) -> str:
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"| method | final eval reward (mean ± std) | gain over pretrained | images to reach {target:.3f} | s / 1000 images |",
+             "|---|---|---|---|---|"]
+    for name in names:
+        mine = [r for r in rows if r["method"] == name]
+        seeds = sorted({r["seed"] for r in mine})
+        final = [next(r["eval_reward"] for r in mine if r["seed"] == s and r["final"]) for s in seeds]
+        start = [next(r["eval_reward"] for r in mine if r["seed"] == s and r["images"] == 0) for s in seeds]
+        reach = []
+        for s in seeds:
+            hit = [r["images"] for r in mine if r["seed"] == s and r["eval_reward"] >= target]
+            reach.append(min(hit) if hit else None)
+        reached = [x for x in reach if x is not None]
+        reach_text = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(seeds)} seeds)" if reached else f"not reached (0/{len(seeds)})"
+        per_k = statistics.mean(r["run_seconds"] / r["budget"] * 1000 for r in mine if r["final"])
+        gain = [f - s for f, s in zip(final, start)]
+        sd = statistics.stdev(final) if len(final) > 1 else 0.0
+        gsd = statistics.stdev(gain) if len(gain) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.mean(final):.3f} ± {sd:.3f} | {statistics.mean(gain):+.3f} ± {gsd:.3f} | "
+                     f"{reach_text} | {per_k:.0f} |")
+    return "\n".join(lines)
+
+
+def main(args: Args):
+    out = Path(args.out)
+    if args.quick:
+        args.seeds, args.images, args.images_per_epoch, args.num_steps, args.eval_every = args.seeds[:1], 64, 16, 5, 2
+    names = args.methods or (QUICK if args.quick else tuple(CONFIGS))
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"error: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.images % args.images_per_epoch or args.images_per_epoch % 16:
+        raise SystemExit("error: --images must be a multiple of --images-per-epoch, itself a multiple of 16")
+    epochs = args.images // args.images_per_epoch
+    runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], out / "runs" / f"{n}__{s}", epochs, args.images_per_epoch)
+            for s, n in itertools.product(args.seeds, names)]
+    threads = max(1, 2 // args.jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    done = [0]
+
+    def log(msg):
+        done[0] += msg.startswith(("done", "skip"))
+        print(f"[{time.strftime('%H:%M:%S')}] [{done[0]}/{len(runs)}] {msg}", flush=True)
+
+    log(f"{len(runs)} runs: {len(names)} configurations x {len(args.seeds)} seeds, {args.images} images each, "
+        f"{args.jobs} at once with {threads} thread(s)")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda r: execute(r, args, threads, log), runs))
+
+    rows = []
+    for run in runs:
+        evals = read_evals(run, args)
+        for j, (epoch, images, seconds, reward, kl) in enumerate(evals):
+            rows.append(dict(method=run.name, k=next((int(f) for f, g in zip(run.flags[1:], run.flags) if g == "--k"), 1),
+                             seed=run.seed, epoch=epoch, images=images, unet_evals="", seconds=round(seconds, 2),
+                             eval_reward=round(reward, 5), kl_to_ref=kl, final=j == len(evals) - 1, budget=args.images,
+                             run_seconds=round(run.seconds, 1)))
+    with open(out / "evals.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    target = args.target or statistics.mean(r["eval_reward"] for r in rows if r["images"] == 0) + 0.1
+    text = table(rows, target)
+    (out / "table.md").write_text(text + "\n")
+    plot(rows, out)
+    print(text)
+    print(f"wrote {out / 'evals.csv'}, {out / 'table.md'} and the figures in {out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
