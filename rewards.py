@@ -499,7 +499,7 @@ class BlipVQAReward:
             start = torch.full((len(rows), 1), self.bos, dtype=torch.long, device=device)
             logits = self.model.text_decoder(input_ids=start, encoder_hidden_states=state, use_cache=False).logits[:, 0].float()
             p_yes[rows] = torch.sigmoid(logits[:, self.yes] - logits[:, self.no])  # = p(yes) / (p(yes) + p(no))
-        return out.index_reduce_(0, torch.tensor(owner, device=device), p_yes, "prod").to(images.device)
+        return out.scatter_reduce_(0, torch.tensor(owner, device=device), p_yes, "prod").to(images.device)
 
 
 def blip_vqa_from_state(state: dict):
