@@ -1,8 +1,9 @@
 """What every method shares: the environment, not the algorithm.
 
 Stable Diffusion loading (hub id, local folder, or the offline `tiny` model), LoRA, prompt encoding,
-the classifier-free-guidance forward, the DDIM(eta) step with its log-probability, the sampler, rewards,
-prompt sets, image grids, logging, torch.distributed helpers and checkpoint I/O.
+the classifier-free-guidance forward, the DDIM(eta) step with its log-probability, the sampler, the entry to
+the rewards (which live in rewards.py), prompt sets, image grids, logging, torch.distributed helpers and
+checkpoint I/O.
 
 Nothing here asks which algorithm is running: advantages, losses, optimisers and the epoch loop live
 in the scripts. The notation follows ALGORITHMS.md section 0 (Black et al. 2023, arXiv 2305.13301):
@@ -14,7 +15,6 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import math
 import os
@@ -26,8 +26,6 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
-
-import world
 
 # The hub id of Stable Diffusion 1.5 (the original `runwayml/...` repository was withdrawn in 2024;
 # this is its maintained mirror with the same weights).
@@ -150,6 +148,8 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     if model == SHAPES:
+        import world
+
         model = str(world.MODEL_DIR)
     if model in (TINY, SD15_RANDOM):
         pipe = _offline_pipeline(model, seed=0)  # the "pretrained" weights are the same for every run
@@ -399,7 +399,7 @@ def decode_latents(pipe, latents) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards: f(images (B, 3, H, W) in [0, 1], prompts) -> (B,) float32 tensor on the images' device
+# Rewards (rewards.py) and prompts (prompts/*.txt)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -409,185 +409,50 @@ def to_uint8(images: torch.Tensor):
     return [Image.fromarray(a) for a in arr]
 
 
-def jpeg_size_kb(images, prompts=None) -> torch.Tensor:
-    """JPEG file size in kB at quality 95 (DDPO's compressibility measure)."""
-    sizes = []
-    for im in to_uint8(images):
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=95)
-        sizes.append(buf.tell() / 1000)
-    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+def make_reward(spec: str, device, weights: Optional[str] = None) -> Callable:
+    """The reward of `--reward` ("name[:weight],...") with the local weights of `--reward-weights` ("name=path,...").
 
-
-def jpeg_compressibility(images, prompts=None):
-    """DDPO: r = -(JPEG size in kB). Smaller files score higher."""
-    return -jpeg_size_kb(images)
-
-
-def jpeg_incompressibility(images, prompts=None):
-    """DDPO: r = +(JPEG size in kB). Larger files score higher."""
-    return jpeg_size_kb(images)
-
-
-# The toy reward's palette: the prompt names a colour; the image should have that mean colour.
-COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
-          "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
-
-
-def prompt_color(prompt: str) -> tuple:
-    for word in prompt.lower().replace(",", " ").split():
-        if word in COLORS:
-            return COLORS[word]
-    fail(f"the color reward needs prompts that name one of {sorted(COLORS)}; {prompt!r} names none "
-         f"(use --prompts colors or a prompt file with colour names)")
-
-
-def color(images, prompts):
-    """Toy, weight-free, prompt-dependent reward for CPU demos and learning tests.
-
-    r = 1 - ||mean RGB of the image - RGB of the colour named in the prompt|| / sqrt(3), in [0, 1].
+    Returns f(images, prompts) -> (B,) float32, the weighted sum; f(images, prompts, components=True) also returns
+    the unweighted terms (B, C), named by f.names. The rewards live in rewards.py; the spec is checked before any
+    model loads.
     """
-    target = torch.tensor([prompt_color(p) for p in prompts], dtype=torch.float32, device=images.device)
-    return 1 - (images.float().mean(dim=(2, 3)) - target).norm(dim=1) / math.sqrt(3)
+    import rewards
+
+    return rewards.make(spec, device, weights)
 
 
-class AestheticMLP(torch.nn.Module):
-    """The LAION aesthetic predictor head (improved-aesthetic-predictor, `sac+logos+ava1-l14-linearMSE`):
-    768 -> 1024 -> 128 -> 64 -> 16 -> 1 on the L2-normalised CLIP ViT-L/14 image embedding. The layer
-    indices match the published state dict (dropouts sit between the linear layers)."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
-
-    def forward(self, embed):
-        return self.layers(embed)
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 
-class AestheticReward:
-    """r = MLP(CLIP image embedding / ||.||), about 1-10 for real images."""
-
-    def __init__(self, clip_model, mlp: AestheticMLP, image_size: int = 224):
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        self.clip, self.mlp, self.size = clip_model.eval().requires_grad_(False), mlp.eval().requires_grad_(False), image_size
-        dev = next(clip_model.parameters()).device
-        self.mean = torch.tensor(OPENAI_DATASET_MEAN, device=dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(OPENAI_DATASET_STD, device=dev).view(1, 3, 1, 1)
-
-    @torch.no_grad()
-    def __call__(self, images, prompts=None):
-        import torch.nn.functional as F
-
-        x = images.float().to(self.mean.device)
-        h, w = x.shape[-2:]
-        scale = self.size / min(h, w)  # CLIP's preprocessing: resize the short side, centre crop, normalise
-        x = F.interpolate(x, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
-                          mode="bicubic", align_corners=False, antialias=True)
-        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-        x = (x[..., top : top + self.size, left : left + self.size].clamp(0, 1) - self.mean) / self.std
-        embed = self.clip.encode_image(x).float()
-        return self.mlp(embed / embed.norm(dim=-1, keepdim=True)).squeeze(-1).to(images.device)
-
-
-# The predictor's weights as TRL's DDPO example publishes them on the hub (same state dict).
-AESTHETIC_HUB = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
-
-
-def aesthetic(device, weights: Optional[str] = None):
-    """The LAION aesthetic reward: open_clip ViT-L/14 (OpenAI weights) + the MLP head.
-
-    `weights`: a local `.pth`/`.safetensors` of the MLP, or None for the hub copy. Weights load with
-    `weights_only=True` (no pickle).
-    """
-    import open_clip
-
-    try:
-        clip_model = open_clip.create_model("ViT-L-14", pretrained="openai", device=device)
-        if weights is None:
-            from huggingface_hub import hf_hub_download
-
-            weights = hf_hub_download(*AESTHETIC_HUB)
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to fetch or read weights is the same user error
-        fail(f"the aesthetic reward's weights could not be loaded ({type(e).__name__}: {str(e)[:120]}); "
-             f"pass a local file with --aesthetic-weights or use --reward color offline")
-    mlp = AestheticMLP()
-    mlp.load_state_dict(state)
-    return AestheticReward(clip_model, mlp.to(device))
-
-
-def shapes(images, prompts):
-    """The shapes world's compositional reward (world.reward): per named '<colour> <shape>' object, is there a
-    region of that colour with that shape; mean over objects, penalised for extra objects; in [0, 1]."""
-    return world.reward(images, prompts)
-
-
-REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "color", "shapes")
-
-
-def make_reward(name: str, device, aesthetic_weights: Optional[str] = None) -> Callable:
-    if name == "aesthetic":
-        return aesthetic(device, aesthetic_weights)
-    if name not in REWARDS:
-        fail(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}")
-    return globals()[name]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------------
-
-PROMPT_SETS = {
-    # Common animals, in the spirit of DDPO's `simple_animals` prompt set.
-    "simple_animals": [
-        "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat",
-        "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish",
-        "shark", "whale", "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck",
-        "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
-    ],
-    # The toy set for the `color` reward: each prompt names the colour the image should have.
-    # Warm colours: a prompt-independent shift towards red already helps, so the tiny model learns in minutes.
-    "colors": ["a red image", "a yellow image", "a magenta image", "a white image"],
-    # The shapes world (--model shapes, --reward shapes): 60 two-object prompts such as "a blue square and a
-    # yellow triangle" for training, and 30 held-out combinations of colour and shape for evaluation.
-    "shapes": world.PAIRS_TRAIN,
-    "shapes_eval": world.PAIRS_EVAL,
-}
+def prompt_sets() -> list:
+    """The names of the built-in prompt sets: the files prompts/NAME.txt (sources and licences in prompts/README.md)."""
+    return sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
 
 
 EVAL_IMAGES = 32  # images in each fixed evaluation (prompts and noise fixed for the whole run)
 
 
 def load_eval_prompts(name: str, prompt_file: Optional[str] = None) -> list:
-    """The fixed evaluation prompts: the set's held-out counterpart `NAME_eval` where one exists (disjoint from
-    the training prompts, as T2I-CompBench keeps them), else the training prompts, cycled to EVAL_IMAGES."""
-    held_out = name + "_eval"
-    prompts = load_prompts(held_out) if prompt_file is None and held_out in PROMPT_SETS else load_prompts(name, prompt_file)
+    """The fixed evaluation prompts, cycled to EVAL_IMAGES: the set's held-out counterpart prompts/NAME_eval.txt
+    where one exists (disjoint from the training prompts, as T2I-CompBench keeps them), else the training prompts."""
+    held_out = prompt_file is None and (PROMPTS_DIR / f"{name}_eval.txt").exists()
+    prompts = load_prompts(f"{name}_eval") if held_out else load_prompts(name, prompt_file)
     return (prompts * EVAL_IMAGES)[:EVAL_IMAGES]
 
 
 def load_prompts(name: str, prompt_file: Optional[str] = None) -> list:
     """A built-in prompt set, or one prompt per non-empty line of `prompt_file` (which wins)."""
-    if prompt_file is not None:
-        try:
-            lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read prompt file {prompt_file!r} ({type(e).__name__}); give a UTF-8 text file, one prompt per line")
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            fail(f"prompt file {prompt_file!r} holds no prompts; write one prompt per line")
-        return prompts
-    if name not in PROMPT_SETS:
-        fail(f"unknown prompt set {name!r}; choose one of {', '.join(PROMPT_SETS)} or pass --prompt-file")
-    return list(PROMPT_SETS[name])
+    if prompt_file is None and name not in prompt_sets():
+        fail(f"unknown prompt set {name!r}; choose one of {', '.join(prompt_sets())} or pass --prompt-file")
+    path = prompt_file if prompt_file is not None else PROMPTS_DIR / f"{name}.txt"
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read prompt file {str(path)!r} ({type(e).__name__}); give a UTF-8 text file, one prompt per line")
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        fail(f"prompt file {str(path)!r} holds no prompts; write one prompt per line")
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------------

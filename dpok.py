@@ -77,11 +77,14 @@ class Args:
     """sampling calls per epoch per process"""
     # --- reward and prompts
     reward: str = "jpeg_compressibility"
-    """jpeg_compressibility, jpeg_incompressibility, aesthetic, shapes (compositional, --prompts shapes) or color (toy)"""
-    aesthetic_weights: Optional[str] = None
-    """local weights of the LAION aesthetic MLP (default: from the hub)"""
+    """a reward, or a weighted sum NAME:WEIGHT,... (a bare NAME weighs 1): jpeg_compressibility, jpeg_incompressibility,
+    shapes (offline, compositional, with --prompts shapes), color (offline toy, with --prompts colors), aesthetic,
+    pickscore, hpsv2, imagereward, clipscore, blip_vqa"""
+    reward_weights: Optional[str] = None
+    """local weights of learned rewards, NAME=PATH,... (default: each from the hub; the README says what PATH is)"""
     prompts: str = "simple_animals"
-    """built-in prompt set: simple_animals, shapes (evaluated on its held-out shapes_eval) or colors"""
+    """a prompt set in prompts/ (simple_animals, animals_activities, dpok_single, shapes, colors, or a NAME.txt added
+    there); evaluation uses its held-out NAME_eval.txt where one exists"""
     prompt_file: Optional[str] = None
     """a text file with one prompt per line (overrides --prompts)"""
     # --- algorithm
@@ -225,7 +228,7 @@ if __name__ == "__main__":
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
-    reward_fn = common.make_reward(args.reward, device, args.aesthetic_weights)
+    reward_fn = common.make_reward(args.reward, device, args.reward_weights)
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -288,8 +291,9 @@ if __name__ == "__main__":
             with common.autocast(device, precision):
                 traj = common.sample(pipe, embeds, neg_embeds, **sample_kw,
                                      generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
+            rewards, reward_terms = reward_fn(traj.images, texts, components=True)  # (B,) weighted sum, (B, C) terms
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, text=pooled.float(),  # DPOK
-                                rewards=reward_fn(traj.images, texts)))
+                                rewards=rewards, reward_terms=reward_terms))
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
 
@@ -360,6 +364,8 @@ if __name__ == "__main__":
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
+        reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
+        metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/kl_to_ref']:.2e}")  # DPOK
         last = epoch + 1 == args.num_epochs

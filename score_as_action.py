@@ -77,11 +77,14 @@ class Args:
     """sampling calls per epoch per process"""
     # --- reward and prompts
     reward: str = "jpeg_compressibility"
-    """jpeg_compressibility, jpeg_incompressibility, aesthetic, shapes (compositional, --prompts shapes) or color (toy)"""
-    aesthetic_weights: Optional[str] = None
-    """local weights of the LAION aesthetic MLP (default: from the hub)"""
+    """a reward, or a weighted sum NAME:WEIGHT,... (a bare NAME weighs 1): jpeg_compressibility, jpeg_incompressibility,
+    shapes (offline, compositional, with --prompts shapes), color (offline toy, with --prompts colors), aesthetic,
+    pickscore, hpsv2, imagereward, clipscore, blip_vqa"""
+    reward_weights: Optional[str] = None
+    """local weights of learned rewards, NAME=PATH,... (default: each from the hub; the README says what PATH is)"""
     prompts: str = "simple_animals"
-    """built-in prompt set: simple_animals, shapes (evaluated on its held-out shapes_eval) or colors"""
+    """a prompt set in prompts/ (simple_animals, animals_activities, dpok_single, shapes, colors, or a NAME.txt added
+    there); evaluation uses its held-out NAME_eval.txt where one exists"""
     prompt_file: Optional[str] = None
     """a text file with one prompt per line (overrides --prompts)"""
     # --- algorithm
@@ -267,7 +270,7 @@ if __name__ == "__main__":
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
-    reward_fn = common.make_reward(args.reward, device, args.aesthetic_weights)
+    reward_fn = common.make_reward(args.reward, device, args.reward_weights)
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -339,8 +342,9 @@ if __name__ == "__main__":
                                      generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
                 kl = (sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds, **sample_kw, chunk=len(ids))
                       if args.beta > 0 else torch.zeros_like(traj.log_probs))  # SaA: (B, T) KL terms
+            rewards, reward_terms = reward_fn(traj.images, texts, components=True)  # (B,) weighted sum, (B, C) terms
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, embeds=embeds,
-                                rewards=reward_fn(traj.images, texts), kl=kl,  # SaA: and r(decode(x0_hat)) (B, T)
+                                rewards=rewards, reward_terms=reward_terms, kl=kl,  # SaA: and r(decode(x0_hat)) (B, T)
                                 x0_rewards=denoised_rewards(pipe, reward_fn, traj.pred_x0, texts, chunk=len(ids))))
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
@@ -433,6 +437,8 @@ if __name__ == "__main__":
             metrics["losses/value_loss"] = torch.stack(value_losses).mean()
         if args.beta > 0:  # SaA: sum_k of the per-step KL terms, per trajectory
             metrics["losses/kl_to_ref"] = samples["kl"].sum(1).mean()
+        reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
+        metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs

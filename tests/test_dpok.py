@@ -7,6 +7,7 @@ from conftest import perturb_lora
 from helpers import TINY, error_line, lora_weights, run, scalars, training_state
 
 import common
+import rewards
 import dpok
 
 KW = dict(num_steps=2, guidance=7.5, eta=1.0)
@@ -148,10 +149,10 @@ def _drift_from_pretrained(tiny, prompts, emb, neg, beta: float, updates: int = 
     try:
         for u in range(updates):
             traj = common.sample(tiny, emb, neg, **KW, generator=torch.Generator().manual_seed(100 + u))
-            rewards = common.color(traj.images, prompts)
+            scores = rewards.color(traj.images, prompts)
             for j in range(KW["num_steps"]):
                 log_prob, eps, eps_pre = _step(tiny, emb, neg, traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[j])
-                loss, _, _ = dpok.policy_loss(log_prob, traj.log_probs[:, j], rewards - rewards.mean(), 1e-4)
+                loss, _, _ = dpok.policy_loss(log_prob, traj.log_probs[:, j], scores - scores.mean(), 1e-4)
                 ((10.0 * loss + beta * dpok.kl_to_pretrained(eps, eps_pre).mean()) / KW["num_steps"]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

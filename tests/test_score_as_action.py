@@ -13,6 +13,7 @@ from conftest import perturb_lora
 from helpers import OFFLINE, PYTHON, ROOT, scalars
 
 import common
+import rewards
 import score_as_action as saa
 
 TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors"]
@@ -102,10 +103,10 @@ def test_value_at_t_0_is_the_reward_of_the_decoded_x0_hat(tiny, embeds):
     texts, emb, neg = embeds
     traj = common.sample(tiny, emb, neg, num_steps=4, guidance=5.0, eta=1.0, generator=torch.Generator().manual_seed(0),
                          return_pred_x0=True)
-    x0_rewards = saa.denoised_rewards(tiny, common.color, traj.pred_x0, texts, chunk=5)  # (3, 4); chunks span rows
+    x0_rewards = saa.denoised_rewards(tiny, rewards.color, traj.pred_x0, texts, chunk=5)  # (3, 4); chunks span rows
     for k in range(4):
         images = common.decode_latents(tiny, traj.pred_x0[:, k])
-        torch.testing.assert_close(x0_rewards[:, k], common.color(images, texts))
+        torch.testing.assert_close(x0_rewards[:, k], rewards.color(images, texts))
     net = saa.ValueNet(4, emb.shape[-1])
     with torch.no_grad():
         for p in net.parameters():

@@ -8,6 +8,7 @@ import torch
 from helpers import ACCUMULATE, ROOT, TINY, error_line, lora_weights, run, scalars, training_state
 
 import common
+import rewards
 
 SCRIPTS = ["reinforce", "ppo", "loop"]
 
@@ -17,7 +18,8 @@ def two_epochs(tmp_path_factory):
     """Each script run for 2 epochs in one go (checkpoint every epoch): shared by several tests."""
     out = tmp_path_factory.mktemp("runs")
     for script in SCRIPTS:
-        run(script, *TINY, *ACCUMULATE[script], "--num-epochs", 2, "--output-dir", out, "--run-name", script)
+        weighted = ["--reward", "color,jpeg_compressibility:0"] if script == "ppo" else []  # a sum with a logged-only term
+        run(script, *TINY, *ACCUMULATE[script], *weighted, "--num-epochs", 2, "--output-dir", out, "--run-name", script)
     return out
 
 
@@ -33,6 +35,9 @@ def test_end_to_end_outputs_and_on_policy_check(two_epochs, script):
     for tag in ("charts/reward_mean", "charts/reward_std", "charts/images_per_sec", "charts/learning_rate",
                 "losses/policy_loss", "losses/approx_kl", "losses/clipfrac", "debug/ratio_dev_at_start", "eval/reward_mean"):
         assert tag in logged, tag
+    # each reward term is logged unweighted; a term of weight 0 is logged and leaves the reward as it was
+    assert [v for _, v in logged["rewards/color"]] == [v for _, v in logged["charts/reward_mean"]]
+    assert ("rewards/jpeg_compressibility" in logged) == (script == "ppo")
     # before each epoch's first update the recomputed log-probs equal the sampled ones (float32, CPU)
     assert all(v < 1e-5 for _, v in logged["debug/ratio_dev_at_start"])
     assert len(logged["charts/reward_mean"]) == 2 and len(logged["eval/reward_mean"]) == 3  # before, epoch 1, after
@@ -86,6 +91,8 @@ BAD_INPUT = [
     ("ppo", ["--train-batch-size", "3"], "must divide"),
     ("reinforce", ["--train-batch-size", "3"], "must divide"),
     ("ppo", ["--reward", "beauty"], "unknown reward"),
+    ("reinforce", ["--reward", "color:nan"], "not a finite number"),
+    ("loop", ["--reward", "color,aesthetic", "--reward-weights", "aesthetic=/nonexistent/mlp.pth"], "no such file"),
     ("loop", ["--prompts", "nonsense"], "unknown prompt set"),
     ("loop", ["--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompt file"),
     ("reinforce", ["--model", "/nonexistent/model"], "--model tiny"),
@@ -108,7 +115,7 @@ def test_damaged_resume_and_nan_reward_leave_the_checkpoint_intact(tmp_path, mon
     ckpt = tmp_path / "good" / "checkpoints" / "epoch_0001"
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     # a non-finite reward stops the run before any update or save (in-process, with a patched reward)
-    monkeypatch.setattr(common, "color", lambda images, prompts: torch.full((images.shape[0],), float("nan")))
+    monkeypatch.setitem(rewards.REWARDS, "color", rewards.free(lambda images, prompts: torch.full((images.shape[0],), float("nan"))))
     argv = [*TINY, "--num-epochs", 3, "--output-dir", tmp_path, "--resume", tmp_path / "good", "--gradient-accumulation-steps", 1]
     monkeypatch.setattr(sys, "argv", ["loop.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:

@@ -33,6 +33,7 @@ def test_render_is_deterministic_and_captions_name_what_is_drawn():
 
 def test_prompt_sets_split_the_pairs_into_disjoint_train_and_eval():
     train, evaluation = common.load_prompts("shapes"), common.load_prompts("shapes_eval")
+    assert (train, evaluation) == (world.PAIRS_TRAIN, world.PAIRS_EVAL)  # the files in prompts/ are the world's split
     assert len(train) == 60 and len(evaluation) == 30 and not set(train) & set(evaluation)
     as_sets = lambda prompts: {frozenset(world.parse(p)) for p in prompts}  # noqa: E731 - order-free comparison
     assert not as_sets(train) & as_sets(evaluation) and len(as_sets(train) | as_sets(evaluation)) == 90
