@@ -100,3 +100,24 @@ def test_reward_is_batched_and_on_the_images_device():
 def test_reward_refuses_prompts_without_objects():
     with pytest.raises(SystemExit, match="names none"):
         world.reward(torch.zeros(1, 3, 32, 32), ["a cat"])
+
+
+def test_pretraining_script_writes_a_diffusers_folder_every_script_loads(tmp_path):
+    """A few steps of each stage of `python -m world.pretrain` (the real run takes ~30 minutes): the folder it
+    writes loads in diffusers and through `--model PATH`, with the VAE's scaling factor fitted to its latents."""
+    import subprocess
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+    from helpers import OFFLINE, ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "world.pretrain", "--out", str(tmp_path / "m"), "--threads", "1",
+                           "--vae-steps", "4", "--decoder-steps", "2", "--vae-batch", "8", "--unet-steps", "4",
+                           "--unet-batch", "8", "--num-latents", "600", "--eval-every", "2", "--eval-images", "2",
+                           "--eval-steps", "2"], cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.vae.config.scaling_factor != 0.18215 and pipe.unet.config.sample_size == 8
+    assert (tmp_path / "m" / "snapshots" / "unet_00002").exists() and (tmp_path / "m" / "pretrain_log.json").exists()
+    loaded = common.load_pipeline(str(tmp_path / "m"), lora_rank=4)
+    assert loaded.scheduler.config.clip_sample is False and loaded.scheduler.config.set_alpha_to_one is False

@@ -56,10 +56,11 @@ class Args:
     unet_batch: int = 64
     """UNet batch size"""
     unet_lr: float = 1e-3
-    """UNet AdamW peak learning rate (linear warm-up over 200 steps, then cosine to 10%)"""
+    """UNet AdamW learning rate (linear warm-up over 200 steps, then constant: a run stopped at step N is the run
+    with --unet-steps N)"""
     ema: float = 0.999
     """EMA decay of the UNet weights (the EMA weights are the ones saved)"""
-    num_latents: int = 60000
+    num_latents: int = 40000
     """images rendered and encoded once for the UNet stage"""
     p_two: float = 0.5
     """share of two-object images in the data"""
@@ -170,7 +171,7 @@ def main(args: Args):
     t_vae = time.time() - t_start
     if args.vae_only:
         return
-    means, stds, captions = encode_dataset(pipe.vae, args, rng)
+    means, stds, captions = encode_dataset(pipe.vae, args, np.random.default_rng((args.seed, 1)))  # its own stream
     scaling = 1.0 / means.std().item()
     pipe.vae.register_to_config(scaling_factor=scaling)
     log(f"VAE done in {t_vae:.0f} s; latent std {means.std().item():.3f} -> scaling_factor {scaling:.4f}")
@@ -195,10 +196,8 @@ def main(args: Args):
     t0, losses = time.time(), []
     history["unet"] = []
     for step in range(args.unet_steps):
-        warm = min(1.0, (step + 1) / 200)
-        cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
         for group in opt.param_groups:
-            group["lr"] = args.unet_lr * warm * cos
+            group["lr"] = args.unet_lr * min(1.0, (step + 1) / 200)
         idx = torch.randint(len(captions), (args.unet_batch,), generator=g)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
         drop = torch.rand(args.unet_batch, generator=g) < args.caption_dropout
@@ -224,6 +223,7 @@ def main(args: Args):
             scores = judge_model(pipe, args)
             history["unet"][-1].update(scores)
             log(f"judged at {step + 1}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
+            ema.save_pretrained(out / "snapshots" / f"unet_{step + 1:05d}", safe_serialization=True)
 
     scores = judge_model(pipe, args)
     seconds = time.time() - t_start
