@@ -194,7 +194,7 @@ def main(args: Args):
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(args.seed)
     t0, losses = time.time(), []
-    history["unet"] = []
+    history["unet"], history["judged"] = [], []
     for step in range(args.unet_steps):
         for group in opt.param_groups:
             group["lr"] = args.unet_lr * min(1.0, (step + 1) / 200)
@@ -221,7 +221,7 @@ def main(args: Args):
             history["unet"].append({"step": step + 1, "loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.unet_steps:
             scores = judge_model(pipe, args)
-            history["unet"][-1].update(scores)
+            history["judged"].append({"step": step + 1, **scores})
             log(f"judged at {step + 1}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
             ema.save_pretrained(out / "snapshots" / f"unet_{step + 1:05d}", safe_serialization=True)
 
