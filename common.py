@@ -887,10 +887,11 @@ def save_checkpoint(path: Union[str, Path], unet, state: dict):
             path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # disk full, folder removed or made read-only under the run
+    except Exception as e:  # noqa: BLE001 - disk full (torch.save raises RuntimeError), folder made read-only, ...
         shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"could not write checkpoint {str(path)!r} ({one_line(e)}); earlier checkpoints are intact: free disk "
-             f"space and resume")
+        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else 0
+        fail(f"could not write checkpoint {str(path)!r} ({one_line(e)}; {free:.1f} MB free on its disk); earlier "
+             f"checkpoints are intact: free disk space and resume")
 
 
 def load_checkpoint(path: Union[str, Path], unet) -> dict:
