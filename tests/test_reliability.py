@@ -165,6 +165,22 @@ def test_a_diverged_run_leaves_no_checkpoint_that_resume_picks(tmp_path, monkeyp
         common.find_checkpoint(tmp_path / "div")
 
 
+def test_checked_reward_marks_non_finite_images_whatever_the_reward_says():
+    """JPEG size scores a NaN image as if it were fine: the wrapper gives it NaN and `check` blames the model."""
+    reward = common.CheckedReward(common.jpeg_compressibility, "jpeg_compressibility")
+    images = torch.rand(3, 3, 16, 16)
+    images[1, 0, 0, 0] = float("nan")
+    assert math.isfinite(common.jpeg_compressibility(images)[1])
+    rewards = reward(images, ["x"] * 3)
+    assert rewards[[0, 2]].isfinite().all() and rewards[1].isnan()
+    args = type("Args", (), dict(learning_rate=1e-4, guidance=5.0))()
+    with pytest.raises(SystemExit, match="non-finite images at epoch 3"):
+        reward.check(rewards, 3, common.Run(None, {}, args))
+    reward.check(reward(torch.rand(2, 3, 16, 16), ["x"] * 2), 4, None)  # finite again: the count was reset
+    with pytest.raises(SystemExit, match=r"returned torch.Size\(\[2, 1\]\) for 2 images"):
+        common.CheckedReward(lambda images, prompts: torch.zeros(2, 1), "bad")(torch.rand(2, 3, 8, 8), ["x"] * 2)
+
+
 def test_save_refuses_non_finite_weights_and_a_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
     common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
@@ -279,6 +295,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(ppo_run, tmp
     a, b = lora_weights(ppo_run / "checkpoints" / "epoch_0002"), lora_weights(home / "checkpoints" / "epoch_0002")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_resume_trains_with_the_learning_rate_given_now(ppo_run, tmp_path, monkeypatch):
+    """The optimiser's moments come from the checkpoint, its learning rate from the flag (lowering it after a
+    divergence is the point of resuming an earlier checkpoint)."""
+    assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--learning-rate", 1e-3, "--output-dir", tmp_path,
+                              "--run-name", "b", "--resume", ppo_run / "checkpoints" / "epoch_0001"], monkeypatch) == ""
+    state = training_state(tmp_path / "b" / "checkpoints" / "epoch_0002")
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-3 and state["optimizer"]["state"]
 
 
 def test_newest_checkpoint_is_chosen_by_epoch_number(tmp_path, tiny):
