@@ -186,12 +186,14 @@ def test_save_refuses_non_finite_weights_and_a_full_disk_keeps_the_previous_chec
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     lora_b = next(p for n, p in tiny.unet.named_parameters() if "lora_B" in n)
     saved = lora_b.detach().clone()
-    with torch.no_grad():
-        lora_b[0, 0] = float("nan")
-    with pytest.raises(SystemExit, match="not saving ckpt: the weights .* are not finite"):
-        common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
-    with torch.no_grad():
-        lora_b.copy_(saved)
+    try:  # the shared tiny model: put its weight back whatever happens
+        with torch.no_grad():
+            lora_b[0, 0] = float("nan")
+        with pytest.raises(SystemExit, match="not saving ckpt: the weights .* are not finite"):
+            common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
+    finally:
+        with torch.no_grad():
+            lora_b.copy_(saved)
     with pytest.raises(SystemExit, match="training state are not finite"):
         common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2, "value": [torch.tensor(math.inf)]})
 
