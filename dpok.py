@@ -197,6 +197,7 @@ def kl_to_pretrained(eps, eps_pre):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    common.validate_args(args)  # every shared flag's range, before anything loads
     dist = common.setup_distributed(args.device)
     device, main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
@@ -204,31 +205,28 @@ if __name__ == "__main__":
     images_per_epoch = samples_per_process * dist.world_size
     minibatches = args.num_policy_steps * args.gradient_accumulation_steps  # DPOK
     steps_per_epoch = args.num_policy_steps  # DPOK
-    if args.k < 1:
-        common.fail(f"--k {args.k}: need at least one image per prompt")
-    if args.sample_batch_size % args.k:
-        common.fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
     if min(args.num_policy_steps, args.gradient_accumulation_steps, args.num_value_steps, args.num_value_batches) < 1:
         common.fail("--num-policy-steps, --gradient-accumulation-steps, --num-value-steps, --num-value-batches: "
                     "each must be at least 1")  # DPOK
     if args.lora_rank < 1 and args.beta != 0:  # DPOK
         common.fail("--lora-rank 0: the KL term's pretrained model is the UNet with its LoRA adapters disabled; "
                     "use --lora-rank 1 or more (or --beta 0)")
-    if args.eta <= 0:
-        common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
+    if not 0 < args.alpha < float("inf"):  # DPOK
+        common.fail(f"--alpha {args.alpha}: must be a finite number > 0 (the reward's weight: 0 ignores it, < 0 inverts it)")
+    if args.buffer_size < args.train_batch_size:  # DPOK
+        common.fail(f"--buffer-size {args.buffer_size} must hold at least one micro-batch of --train-batch-size "
+                    f"{args.train_batch_size} transitions")
     common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch of {args.gradient_accumulation_steps}"
                   f" x {args.train_batch_size} transitions from a buffer of {args.buffer_size}, {args.num_value_steps} value "
                   f"steps of {args.num_value_batches} x {args.value_batch_size}", enabled=main)  # DPOK
 
-    checkpoint = common.find_checkpoint(args.resume) if args.resume else None
-    run_dir = (Path(args.output_dir) / args.run_name if args.run_name else checkpoint.parent.parent if checkpoint
-               else Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    run = common.start_run(args, Path(__file__).stem, enabled=main)  # what to resume and where to write, checked
+    checkpoint, run_dir = run.checkpoint, run.dir
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
-    reward_fn = common.make_reward(args.reward, device, args.reward_weights)
+    reward_fn = common.CheckedReward(common.make_reward(args.reward, device, args.reward_weights), args.reward)
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -248,15 +246,17 @@ if __name__ == "__main__":
     start_epoch, global_step, buffer, reward_curve = 0, 0, {}, []  # DPOK
     if checkpoint:
         state = common.load_checkpoint(checkpoint, pipe.unet)
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # DPOK
         value_net.load_state_dict(state["value_net"])  # DPOK
-        value_optimizer.load_state_dict(state["value_optimizer"])  # DPOK
+        common.load_optimizer(value_optimizer, state["value_optimizer"])  # DPOK
         if state["world_size"] != dist.world_size:  # DPOK: the buffers are per process
             common.fail(f"{checkpoint} holds the replay buffers of {state['world_size']} processes; resume with as many")
         buffer = {key: value.chunk(dist.world_size)[dist.rank].to(device) for key, value in state["buffer"].items()}
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+    # the run folder is created only now that the model and any checkpoint have loaded: the run can start
+    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
 
     def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
         if not main:
@@ -299,9 +299,7 @@ if __name__ == "__main__":
 
         # REWARDS AND ADVANTAGES
         rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
-        if not torch.isfinite(rewards).all():
-            common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
-                        f"earlier checkpoints are intact: check the reward function and its inputs")
+        reward_fn.check(rewards, epoch, run)  # one line if an image (a diverged model) or a reward is not finite
         reward_curve.append(rewards.mean().item())
         # DPOK: this epoch's transitions join the replay buffer (one per process, the most recent buffer_size kept) and
         # every buffered transition gets A = r - V_phi(x_t, c, t) from the value network as fitted on EARLIER epochs: a
@@ -344,7 +342,8 @@ if __name__ == "__main__":
                 common.average_gradients(params)
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                scaler.step(optimizer)
+                if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
+                    scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
@@ -363,7 +362,8 @@ if __name__ == "__main__":
         metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
-                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
+                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
+                        "debug/skipped_steps": run.skipped_steps})
         reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
@@ -374,7 +374,7 @@ if __name__ == "__main__":
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             all_buffers = {key: common.gather(value) for key, value in buffer.items()}  # DPOK: all processes', by rank
             if main:
-                common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
+                run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),
                     "value_optimizer": value_optimizer.state_dict(), "buffer": all_buffers, "world_size": dist.world_size})

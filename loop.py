@@ -133,6 +133,7 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    common.validate_args(args)  # every shared flag's range, before anything loads
     dist = common.setup_distributed(args.device)
     device, main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
@@ -143,25 +144,19 @@ if __name__ == "__main__":
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
     if args.k < 2:  # LOOP
         common.fail(f"--k {args.k}: LOOP needs at least two images per prompt for a leave-one-out baseline; use --k 2 or more")
-    if args.sample_batch_size % args.k:
-        common.fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
         common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
                     f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
-    if args.eta <= 0:
-        common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
     common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
                   f"trained timesteps per trajectory", enabled=main)
 
-    checkpoint = common.find_checkpoint(args.resume) if args.resume else None
-    run_dir = (Path(args.output_dir) / args.run_name if args.run_name else checkpoint.parent.parent if checkpoint
-               else Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    run = common.start_run(args, Path(__file__).stem, enabled=main)  # what to resume and where to write, checked
+    checkpoint, run_dir = run.checkpoint, run.dir
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
-    reward_fn = common.make_reward(args.reward, device, args.reward_weights)
+    reward_fn = common.CheckedReward(common.make_reward(args.reward, device, args.reward_weights), args.reward)
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -176,10 +171,12 @@ if __name__ == "__main__":
     start_epoch, global_step, reward_curve = 0, 0, []  # LOOP
     if checkpoint:
         state = common.load_checkpoint(checkpoint, pipe.unet)
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # LOOP
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+    # the run folder is created only now that the model and any checkpoint have loaded: the run can start
+    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
 
     def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
         if not main:
@@ -222,9 +219,7 @@ if __name__ == "__main__":
 
         # REWARDS AND ADVANTAGES
         rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
-        if not torch.isfinite(rewards).all():
-            common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
-                        f"earlier checkpoints are intact: check the reward function and its inputs")
+        reward_fn.check(rewards, epoch, run)  # one line if an image (a diverged model) or a reward is not finite
         advantages = leave_one_out_advantages(rewards, args.k, args.normalize_advantages)  # LOOP: groups are whole here
         samples["advantages"] = advantages[first : first + samples_per_process]  # LOOP
         reward_curve.append(rewards.mean().item())
@@ -260,7 +255,8 @@ if __name__ == "__main__":
                     common.average_gradients(params)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    scaler.step(optimizer)
+                    if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
+                        scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
@@ -270,7 +266,8 @@ if __name__ == "__main__":
         metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
-                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean()})
+                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
+                        "debug/skipped_steps": run.skipped_steps})
         reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
@@ -280,7 +277,7 @@ if __name__ == "__main__":
             log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if main:
-                common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
+                run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve})  # LOOP
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")

@@ -238,6 +238,7 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    common.validate_args(args)  # every shared flag's range, before anything loads
     dist = common.setup_distributed(args.device)
     device, main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
@@ -246,15 +247,9 @@ if __name__ == "__main__":
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
-    if args.k < 1:
-        common.fail(f"--k {args.k}: need at least one image per prompt")
-    if args.sample_batch_size % args.k:
-        common.fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
         common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
                     f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
-    if args.eta <= 0:
-        common.fail("--eta must be > 0: a deterministic sampler has no log-probabilities to train")
     if args.beta < 0 or (args.beta > 0 and args.lora_rank == 0):  # SaA
         common.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0) to disable for s_pre")
     if args.value_batch_size < 1 or args.value_epochs < 0 or min(args.eval_num_steps, default=1) < 1:  # SaA
@@ -263,14 +258,12 @@ if __name__ == "__main__":
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
                   f"trained timesteps per trajectory", enabled=main)
 
-    checkpoint = common.find_checkpoint(args.resume) if args.resume else None
-    run_dir = (Path(args.output_dir) / args.run_name if args.run_name else checkpoint.parent.parent if checkpoint
-               else Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    run = common.start_run(args, Path(__file__).stem, enabled=main)  # what to resume and where to write, checked
+    checkpoint, run_dir = run.checkpoint, run.dir
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
-    reward_fn = common.make_reward(args.reward, device, args.reward_weights)
+    reward_fn = common.CheckedReward(common.make_reward(args.reward, device, args.reward_weights), args.reward)
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -291,14 +284,14 @@ if __name__ == "__main__":
     start_epoch, global_step, reward_curve = 0, 0, []  # SaA
     if checkpoint:
         state = common.load_checkpoint(checkpoint, pipe.unet)
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         scaler.load_state_dict(state["scaler"])
-        if "value_net" not in state:  # SaA
-            common.fail(f"cannot resume from {str(checkpoint)!r}: it has no value network (not a score_as_action.py run)")
         value_net.load_state_dict(state["value_net"])  # SaA
-        value_optimizer.load_state_dict(state["value_optimizer"])  # SaA
+        common.load_optimizer(value_optimizer, state["value_optimizer"])  # SaA
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # SaA
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+    # the run folder is created only now that the model and any checkpoint have loaded: the run can start
+    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
 
     def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
         if not main:
@@ -351,9 +344,7 @@ if __name__ == "__main__":
 
         # REWARDS AND ADVANTAGES
         rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
-        if not (torch.isfinite(rewards).all() and torch.isfinite(common.gather(samples["x0_rewards"])).all()):  # SaA
-            common.fail(f"reward {args.reward!r} returned non-finite values at epoch {epoch}; no update was made and "
-                        f"earlier checkpoints are intact: check the reward function and its inputs")
+        reward_fn.check(torch.cat([rewards, common.gather(samples["x0_rewards"]).flatten()]), epoch, run)  # SaA
         # SaA: V_phi is fitted first (MSE of the structured value to the return), then gives every state's value.
         # The KL enters as the regularised reward r - beta * sum_k kl_k, the value after the last step and V_phi's target
         # for every state (ALGORITHMS.md section 5). Kept as a per-step running reward instead, a step's own term would
@@ -421,7 +412,8 @@ if __name__ == "__main__":
                     common.average_gradients(params)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    scaler.step(optimizer)
+                    if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
+                        scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
@@ -432,7 +424,7 @@ if __name__ == "__main__":
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
-                        "debug/value_at_start": values[:, 0].mean()})  # SaA: V(t_0, x_T)
+                        "debug/skipped_steps": run.skipped_steps, "debug/value_at_start": values[:, 0].mean()})  # SaA: V(t_0, x_T)
         if value_losses:  # SaA
             metrics["losses/value_loss"] = torch.stack(value_losses).mean()
         if args.beta > 0:  # SaA: sum_k of the per-step KL terms, per trajectory
@@ -446,7 +438,7 @@ if __name__ == "__main__":
             log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if main:
-                common.save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1:04d}", pipe.unet, {
+                run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "value_net": value_net.state_dict(),  # SaA
                     "value_optimizer": value_optimizer.state_dict(), "reward_curve": reward_curve})

@@ -21,7 +21,8 @@ ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"], "l
 
 
 def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    prefix = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else [PYTHON]
+    # --standalone: torchrun picks a free port (a fixed one collides with any other run on the machine)
+    prefix = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [PYTHON]
     proc = subprocess.run(prefix + [str(ROOT / f"{script}.py"), *map(str, args)], cwd=ROOT, env=OFFLINE,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -173,11 +173,11 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, tiny, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match="could not write checkpoint .* disk full"):
         common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
     monkeypatch.undo()
     assert common.load_checkpoint(tmp_path / "ckpt", tiny.unet) == {"epoch": 1}
-    assert common.find_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt"
+    assert common.find_checkpoint(tmp_path / "ckpt") == (tmp_path / "ckpt", {"epoch": 1})
 
 
 def test_damaged_checkpoint_fails_in_one_line(tmp_path, tiny):

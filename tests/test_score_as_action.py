@@ -257,5 +257,5 @@ def test_resume_is_bit_identical(learned, tmp_path):
     a = checkpoint_tensors(learned / "checkpoints" / f"epoch_{EPOCHS:04d}")
     b = checkpoint_tensors(tmp_path / "resumed" / "checkpoints" / f"epoch_{EPOCHS:04d}")
     assert a.keys() == b.keys() and any(k.startswith("state/value_optimizer/state/") for k in a)
-    for k in a:
+    for k in (k for k in a if not k.startswith(("state/record/run", "state/record/parent"))):  # a branch: its own run
         assert (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]), k

@@ -1,0 +1,317 @@
+"""Reliability, one test per class of failure: bad flags fail in one line before anything loads or is written; a
+reward that raises, non-finite images and non-finite rewards are told apart; a diverged run never leaves a checkpoint
+that resume picks; resume checks the script and flags of what it resumes, branches from an older checkpoint instead of
+overwriting later ones, and falls back from a damaged newest checkpoint.
+
+The scripts run in this process as `python script.py ...` would (runpy; the libraries are imported once, so a case
+that fails before the model loads takes ~0.1 s and a run of the tiny model a second or two); one test runs the real
+command line to check the exit status and that stderr holds no traceback."""
+
+import dataclasses
+import importlib
+import math
+import runpy
+import shutil
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, error_line, lora_weights, run, training_state
+
+import common
+import rewards
+
+SCRIPTS = ["reinforce", "ppo", "loop", "dpok", "score_as_action"]
+# Valid for every script: 4 images (one LOOP group of 4), 2 steps, minibatches of 2.
+QUICK = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", 2, "--sample-batch-size", 4,
+         "--num-batches-per-epoch", 1, "--train-batch-size", 2, "--num-epochs", 1, "--image-every", 0]
+
+# (flags, what the one-line error must say); a case runs for every script that has its first flag.
+BAD_FLAGS = [
+    (["--num-epochs", 0], "--num-epochs 0: must be an integer >= 1"),
+    (["--save-every", -1], "--save-every -1: must be"),
+    (["--image-every", -1], "--image-every -1: must be"),
+    (["--num-steps", 0], "--num-steps 0: must be"),
+    (["--num-steps", 2000], "--num-steps 2000: must be an integer in [1, 1000]"),
+    (["--sample-batch-size", 0], "--sample-batch-size 0: must be"),
+    (["--num-batches-per-epoch", 0], "--num-batches-per-epoch 0: must be"),
+    (["--train-batch-size", 0], "--train-batch-size 0: must be"),
+    (["--gradient-accumulation-steps", 0], "--gradient-accumulation-steps 0: must be"),
+    (["--num-inner-epochs", 0], "--num-inner-epochs 0: must be"),
+    (["--timestep-fraction", 0], "--timestep-fraction 0.0: must be in (0, 1]"),
+    (["--timestep-fraction", 1.5], "--timestep-fraction 1.5: must be in (0, 1]"),
+    (["--timestep-fraction", 0.25], "= 0 timesteps per trajectory"),
+    (["--learning-rate", "nan"], "--learning-rate nan: must be a finite number > 0"),
+    (["--learning-rate", -1], "--learning-rate -1.0: must be a finite number > 0"),
+    (["--value-learning-rate", "inf"], "--value-learning-rate inf: must be a finite number > 0"),
+    (["--max-grad-norm", -1], "--max-grad-norm -1.0: must be > 0"),
+    (["--clip", -1], "--clip -1.0: must be > 0"),
+    (["--adv-clip-max", -1], "--adv-clip-max -1.0: must be > 0"),
+    (["--lora-rank", -1], "--lora-rank -1: must be"),
+    (["--lora-alpha", 0], "--lora-alpha 0.0: must be"),
+    (["--eta", 0], "--eta 0.0: must be in (0, 1]"),
+    (["--eta", 1.5], "--eta 1.5: must be in (0, 1]"),
+    (["--guidance", "nan"], "--guidance nan: must be a finite number"),
+    (["--adam-beta2", 1], "--adam-beta2 1.0: must be in [0, 1)"),
+    (["--weight-decay", -1], "--weight-decay -1.0: must be"),
+    (["--beta", "nan"], "--beta nan: must be"),
+    (["--value-batch-size", 0], "--value-batch-size 0: must be"),
+    (["--k", 0], "--k 0"),
+    (["--k", 3], "must hold whole groups of --k 3"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+    (["--resume", "/nonexistent/run"], "no checkpoint found"),
+    (["--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompt file"),
+]
+if not torch.cuda.is_available():
+    BAD_FLAGS.append((["--device", "cuda"], "--device cuda: torch sees no CUDA GPU"))
+SPECIFIC = {
+    "ppo": [(["--stat-min-count", 17], "--stat-min-count 17 must be in [1, --stat-buffer-size 16]")],
+    "loop": [(["--k", 1], "at least two images per prompt")],
+    "dpok": [(["--alpha", 0], "--alpha 0.0: must be a finite number > 0"),
+             (["--buffer-size", 1], "--buffer-size 1 must hold at least one micro-batch")],
+    "score_as_action": [(["--eval-num-steps", 0], "--eval-num-steps")],
+}
+
+
+def in_process(script: str, argv: list, monkeypatch) -> str:
+    """Run a script's main here as `python script.py argv` would; return the SystemExit message ('' if none). Any
+    other exception propagates: a traceback fails the test."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
+    try:
+        runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+    except SystemExit as e:
+        return str(e)
+    return ""
+
+
+def check_cases(script, cases, monkeypatch, out):
+    problems = []
+    for argv, message in cases:
+        line = in_process(script, [*QUICK, "--output-dir", out, *argv], monkeypatch)
+        if not (line.startswith("error: ") and message in line and "\n" not in line):
+            problems.append(f"{script} {' '.join(map(str, argv))}: {line!r} lacks {message!r}")
+    return problems
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_flags_fail_in_one_line_before_anything_is_written(script, tmp_path, monkeypatch):
+    """Every flag value that would crash later or silently change the algorithm, for every script that has the flag."""
+    fields = {f.name for f in dataclasses.fields(importlib.import_module(script).Args)}
+    cases = [(a, m) for a, m in BAD_FLAGS + SPECIFIC.get(script, []) if a[0][2:].replace("-", "_") in fields]
+    out = tmp_path / "runs"
+    assert not check_cases(script, cases, monkeypatch, out)
+    assert not out.exists()  # no run folder and no events file after a failed start
+
+
+def test_bad_places_fail_in_one_line(tmp_path, monkeypatch):
+    """An output dir that is a file or not writable, a model folder whose model_index.json is {}: one line, nothing
+    written. (Read-only is simulated: the suite may run as root, for whom permission bits do not stop a write.)"""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    cases = [(["--output-dir", tmp_path / "a_file"], "is a file"),
+             (["--output-dir", tmp_path / "a_file" / "below"], "is a file"),
+             (["--model", tmp_path / "model"], "is not a complete diffusers Stable Diffusion folder (KeyError")]
+    assert not check_cases("ppo", cases, monkeypatch, tmp_path / "runs")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(common.tempfile, "TemporaryDirectory", read_only)
+    assert not check_cases("ppo", [([], "is not writable (OSError: [Errno 30] Read-only file system")], monkeypatch,
+                           tmp_path / "runs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "model"]
+
+
+def test_the_real_command_line_prints_one_line_and_exits_1(tmp_path):
+    proc = run("ppo", *QUICK, "--max-grad-norm", -1, "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert error_line(proc).startswith("error: --max-grad-norm -1.0: must be > 0") and not any(tmp_path.iterdir())
+
+
+def test_raising_reward_nan_images_and_nan_rewards_are_told_apart(tmp_path, monkeypatch):
+    def raises(images, prompts):
+        raise ValueError("the reward server is down")
+
+    def nan_images(pipe, latents):
+        return torch.full((latents.shape[0], 3, 32, 32), float("nan"))
+
+    argv = [*QUICK, "--output-dir", tmp_path, "--run-name", "r"]
+    monkeypatch.setitem(rewards.REWARDS, "color", rewards.free(raises))
+    line = in_process("loop", argv, monkeypatch)
+    assert line.startswith("error: reward 'color' raised ValueError: the reward server is down") and "\n" not in line
+    monkeypatch.setitem(rewards.REWARDS, "color", rewards.free(lambda images, prompts: torch.full((images.shape[0],), float("nan"))))
+    assert "returned non-finite values for finite images at epoch 0" in in_process("loop", argv, monkeypatch)
+    monkeypatch.undo()
+    monkeypatch.setattr(common, "decode_latents", nan_images)  # a diverged model, as the reward sees it
+    line = in_process("loop", argv, monkeypatch)
+    assert "non-finite images at epoch 0" in line and "--learning-rate 0.0003" in line and "--guidance 5" in line
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_diverged_run_leaves_no_checkpoint_that_resume_picks(tmp_path, monkeypatch, script):
+    """lr 1e6: the first step throws the weights far off and the next gradients are NaN. The run stops naming the
+    learning rate; no checkpoint holds non-finite weights, and any written from the diverged weights is renamed
+    `*.diverged`, so that resume finds nothing to pick. (In this process: the model is built in a second.)"""
+    fewer = ["--gradient-accumulation-steps", 1, "--num-policy-steps", 1] if script == "dpok" else []
+    line = in_process(script, [*QUICK, *fewer, "--num-epochs", 4, "--save-every", 1, "--learning-rate", 1e6,
+                               "--output-dir", tmp_path, "--run-name", "div"], monkeypatch)
+    assert line.startswith("error: ") and "the model diverged" in line and "--learning-rate 1e+06" in line, line
+    # epoch 1's weights gave a NaN gradient in epoch 2: the save is refused and epoch 1's checkpoint renamed
+    folders = list((tmp_path / "div" / "checkpoints").glob("*"))
+    assert [p.name for p in folders] == ["epoch_0001.diverged"]
+    assert all(torch.isfinite(v).all() for v in lora_weights(folders[0]).values())  # what was written is finite
+    with pytest.raises(SystemExit, match="diverged weights"):
+        common.find_checkpoint(tmp_path / "div")
+
+
+def test_checked_reward_marks_non_finite_images_whatever_the_reward_says():
+    """JPEG size scores a NaN image as if it were fine: the wrapper gives it NaN and `check` blames the model."""
+    reward = common.CheckedReward(rewards.jpeg_compressibility, "jpeg_compressibility")
+    images = torch.rand(3, 3, 16, 16)
+    images[1, 0, 0, 0] = float("nan")
+    assert math.isfinite(rewards.jpeg_compressibility(images)[1])
+    scores = reward(images, ["x"] * 3)
+    assert scores[[0, 2]].isfinite().all() and scores[1].isnan()
+    args = type("Args", (), dict(learning_rate=1e-4, guidance=5.0))()
+    with pytest.raises(SystemExit, match="non-finite images at epoch 3"):
+        reward.check(scores, 3, common.Run(None, {}, args))
+    reward.check(reward(torch.rand(2, 3, 16, 16), ["x"] * 2), 4, None)  # finite again: the count was reset
+    with pytest.raises(SystemExit, match=r"returned torch.Size\(\[2, 1\]\) for 2 images"):
+        common.CheckedReward(lambda images, prompts: torch.zeros(2, 1), "bad")(torch.rand(2, 3, 8, 8), ["x"] * 2)
+
+
+def test_save_refuses_non_finite_weights_and_a_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
+    common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    lora_b = next(p for n, p in tiny.unet.named_parameters() if "lora_B" in n)
+    saved = lora_b.detach().clone()
+    try:  # the shared tiny model: put its weight back whatever happens
+        with torch.no_grad():
+            lora_b[0, 0] = float("nan")
+        with pytest.raises(SystemExit, match="not saving ckpt: the weights .* are not finite"):
+            common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
+    finally:
+        with torch.no_grad():
+            lora_b.copy_(saved)
+    with pytest.raises(SystemExit, match="training state are not finite"):
+        common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2, "value": [torch.tensor(math.inf)]})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
+    assert "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp left behind
+
+
+def test_divergence_guard_skips_counts_and_stops(tmp_path):
+    args = type("Args", (), dict(learning_rate=0.5, guidance=7.0))()
+    run_ = common.Run(tmp_path, {}, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert run_.step_ok(torch.tensor(1.0), scaler, 0)
+    assert not run_.step_ok(torch.tensor(float("nan")), scaler, 0) and not run_.step_ok(torch.tensor(math.inf), scaler, 0)
+    assert run_.step_ok(torch.tensor(2.0), scaler, 0) and run_.skipped_steps == 2  # a finite step resets the count
+    (tmp_path / "checkpoints" / "epoch_0003").mkdir(parents=True)
+    run_.current = [tmp_path / "checkpoints" / "epoch_0003"]  # written from the current weights
+    for _ in range(2):
+        assert not run_.step_ok(torch.tensor(float("nan")), scaler, 1)
+    with pytest.raises(SystemExit, match="3 optimiser steps in a row .* --learning-rate 0.5 too large"):
+        run_.step_ok(torch.tensor(float("nan")), scaler, 1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_0003.diverged"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    """ppo.py for 2 epochs, a checkpoint after each."""
+    out = tmp_path_factory.mktemp("ppo")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--save-every", 1, "--output-dir", out, "--run-name", "a"],
+                          monkeypatch) == ""
+    return out / "a"
+
+
+def test_resume_refuses_another_script_other_flags_and_older_formats(ppo_run, tmp_path, monkeypatch):
+    ckpt = ppo_run / "checkpoints" / "epoch_0001"
+    cases = [(s, ["--resume", ppo_run], "it was written by ppo.py, not " + s) for s in SCRIPTS if s != "ppo"]
+    cases += [("ppo", ["--resume", ckpt, *flags], message) for flags, message in [
+        (["--lora-alpha", 8], "--lora-alpha 8.0 here, --lora-alpha 4.0 in the checkpoint"),
+        (["--lora-rank", 2], "--lora-rank 2 here, --lora-rank 4 in the checkpoint"),
+        (["--num-steps", 3], "--num-steps 3 here, --num-steps 2 in the checkpoint"),
+        (["--guidance", 3], "--guidance 3.0 here, --guidance 5.0 in the checkpoint"),
+        (["--num-epochs", 1], "it is at epoch 1 and --num-epochs is 1"),
+        (["--num-epochs", 3, "--output-dir", ppo_run.parent, "--run-name", "a"], "would overwrite its later checkpoints (epoch_0002)")]]
+    cases.append(("ppo", ["--output-dir", ppo_run.parent, "--run-name", "a"], "already holds checkpoints of another run"))
+    old = tmp_path / "old" / "checkpoints" / "epoch_0001"  # a checkpoint from before checkpoints had a record
+    shutil.copytree(ckpt, old)
+    state = training_state(old)
+    del state["record"]
+    torch.save(state, old / common.STATE_FILE)
+    cases.append(("ppo", ["--resume", old], "does not record the script and flags"))
+    problems = []
+    for script, argv, message in cases:
+        line = in_process(script, [*QUICK, "--output-dir", tmp_path / "runs", *argv], monkeypatch)
+        if not line.startswith("error: ") or message not in line or "\n" in line:
+            problems.append(f"{script} {argv[2:]}: {line!r}")
+    assert not problems
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in (ppo_run / "checkpoints").iterdir()) == [
+        "epoch_0001", "epoch_0002"]
+
+
+def test_resume_from_an_older_checkpoint_branches_and_overwrites_nothing(ppo_run, tmp_path, monkeypatch, capsys):
+    """From epoch 1 of a run that has epoch 2: a new run folder next to it, whose epoch 2 equals the original's
+    (resume is exact), while the original folder is untouched; the branch records where it came from."""
+    home = tmp_path / "a"
+    shutil.copytree(ppo_run, home)
+    before = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--save-every", 1, "--resume", home / "checkpoints" / "epoch_0001"],
+                      monkeypatch) == ""
+    assert "epoch_0001 is older than its run's newest checkpoint epoch_0002: this run branches into" in capsys.readouterr().out
+    assert {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
+    (branch,) = [p for p in tmp_path.iterdir() if p.name.startswith("a__from_epoch_0001__")]
+    a, b = lora_weights(home / "checkpoints" / "epoch_0002"), lora_weights(branch / "checkpoints" / "epoch_0002")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    original, branched = (training_state(p / "checkpoints" / "epoch_0002")["record"] for p in (home, branch))
+    assert branched["run"] != original["run"] and branched["parent"].startswith(original["run"])
+    assert branched["script"] == "ppo" and branched["flags"]["lora_rank"] == 4
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(ppo_run, tmp_path, monkeypatch, capsys):
+    """epoch_0002 truncated: resuming the run folder says so, continues from epoch_0001 in the same folder, and
+    writes an epoch_0002 equal to the original one."""
+    home = tmp_path / "a"
+    shutil.copytree(ppo_run, home)
+    damaged = home / "checkpoints" / "epoch_0002" / common.LORA_FILE
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--save-every", 1, "--resume", home], monkeypatch) == ""
+    err = capsys.readouterr().err
+    assert "epoch_0002 is damaged (pytorch_lora_weights.safetensors is truncated): resuming from epoch_0001" in err
+    a, b = lora_weights(ppo_run / "checkpoints" / "epoch_0002"), lora_weights(home / "checkpoints" / "epoch_0002")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_resume_trains_with_the_learning_rate_given_now(ppo_run, tmp_path, monkeypatch):
+    """The optimiser's moments come from the checkpoint, its learning rate from the flag (lowering it after a
+    divergence is the point of resuming an earlier checkpoint)."""
+    assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--learning-rate", 1e-3, "--output-dir", tmp_path,
+                              "--run-name", "b", "--resume", ppo_run / "checkpoints" / "epoch_0001"], monkeypatch) == ""
+    state = training_state(tmp_path / "b" / "checkpoints" / "epoch_0002")
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-3 and state["optimizer"]["state"]
+
+
+def test_newest_checkpoint_is_chosen_by_epoch_number(tmp_path, tiny):
+    for epoch in (9999, 10000):
+        common.save_checkpoint(tmp_path / "checkpoints" / f"epoch_{epoch:04d}", tiny.unet, {"epoch": epoch})
+    (tmp_path / "checkpoints" / "epoch_10001.tmp").mkdir()  # a save in progress is not a checkpoint
+    path, state = common.find_checkpoint(tmp_path)
+    assert path.name == "epoch_10000" and state["epoch"] == 10000
