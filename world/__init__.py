@@ -145,7 +145,7 @@ PHRASE = re.compile(r"\b(" + "|".join(COLORS) + r")\s+(" + "|".join(SHAPES) + r"
 COLOR_CREDIT = 0.25  # a phrase whose colour is present but whose shape is wrong earns this much
 EXTRA_PENALTY = 0.5  # each object beyond those the prompt names divides the score by (1 + 0.5 * extras)
 TEMPERATURE = 0.03  # softness of the shape decision on intersection-over-union with ideal templates
-NONE_IOU = 0.7  # a region that matches no template better than this is "no shape"
+NONE_IOU = 0.6  # a region that matches no template better than this is "no shape"
 MIN_AREA = 8  # regions smaller than this many pixels (at 32x32) are specks, not objects
 COLOR_RADIUS = 0.3  # a pixel belongs to a colour if it is within this RGB distance of it
 
