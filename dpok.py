@@ -328,7 +328,7 @@ if __name__ == "__main__":
                 log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds,
                                                      **sample_kw)
                 with torch.no_grad(), common.adapters_disabled(pipe.unet):
-                    eps_pre = common.guided_noise(pipe.unet, latents, t, embeds, neg_embeds, args.guidance)
+                    eps_pre = common.guided_eps(pipe, latents, t, embeds, neg_embeds, args.guidance)
             loss, approx_kl, clipfrac = policy_loss(log_prob, batch["log_probs"], adv, args.clip)
             kl = kl_to_pretrained(eps, eps_pre).mean()
             scaler.scale((args.alpha * loss + args.beta * kl) / args.gradient_accumulation_steps).backward()

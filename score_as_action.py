@@ -217,9 +217,9 @@ def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guida
     for i in range(0, len(x), chunk):
         xi, ti, ci = x[i : i + chunk], t[i : i + chunk], c[i : i + chunk]
         alphabar_t, alphabar_next = step_alphas(pipe.scheduler, ti, num_steps)
-        eps = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
+        eps = common.guided_eps(pipe, xi, ti, ci, neg_embeds, guidance)
         with common.adapters_disabled(pipe.unet):
-            eps_pre = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
+            eps_pre = common.guided_eps(pipe, xi, ti, ci, neg_embeds, guidance)
         score, score_pre = score_from_eps(eps, alphabar_t), score_from_eps(eps_pre, alphabar_t)
         out.append(kl_terms(score, score_pre, alphabar_t, alphabar_next, eta))
     return torch.cat(out).view(b, len(timesteps))

@@ -39,7 +39,7 @@ def test_ddim_step_eta_1_equals_scheduler_step(tiny, embeds):
         torch.testing.assert_close(x0, ref.pred_original_sample, rtol=1e-5, atol=1e-5)
 
 
-def test_ddim_step_v_prediction_equals_scheduler_step(tiny):
+def test_ddim_step_v_prediction_equals_scheduler_step(tiny, embeds):
     """A v-prediction model (SD 2.x at 768 px): x0_hat, eps_hat and the step as diffusers' DDIMScheduler computes
     them, and the log-probability of the drawn step is that of its own noise z under N(mu, sigma^2)."""
     config = dict(tiny.scheduler.config, prediction_type="v_prediction")
@@ -59,6 +59,18 @@ def test_ddim_step_v_prediction_equals_scheduler_step(tiny):
         sigma = torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         expected = (-z**2 / 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
         torch.testing.assert_close(log_prob, expected, rtol=1e-4, atol=1e-4)
+    # the training path hands methods eps_hat, not v_hat (DPOK's KL term and Score as Action's score use it)
+    from types import SimpleNamespace
+
+    _, emb, neg = embeds
+    v_pipe = SimpleNamespace(unet=tiny.unet, scheduler=ours_sched)
+    t = ref.timesteps[3]
+    with torch.no_grad():
+        v_hat = common.guided_noise(tiny.unet, x, t, emb, neg, 5.0)
+        _, eps = common.step_log_prob(v_pipe, x, z, t, emb, neg, num_steps=10, guidance=5.0, eta=1.0)
+    a_t = ref.alphas_cumprod[t]
+    torch.testing.assert_close(eps, a_t.sqrt() * v_hat + (1 - a_t).sqrt() * x)
+    torch.testing.assert_close(common.guided_eps(v_pipe, x, t, emb, neg, 5.0), eps)
     with pytest.raises(SystemExit) as e:  # any other parametrisation is refused, not silently treated as eps
         common.ddim_step(common.ddim_scheduler(dict(config, prediction_type="sample")), v, 1, x, num_steps=10, eta=1.0, noise=z)
     assert str(e.value).startswith("error: ") and "sample" in str(e.value)

@@ -17,7 +17,7 @@ def _step(tiny, emb, neg, latents, next_latents, t):
     """The script's training forward for one batch of transitions: log pi_theta, eps_theta and eps_pre."""
     log_prob, eps = common.step_log_prob(tiny, latents, next_latents, t, emb, neg, **KW)
     with torch.no_grad(), common.adapters_disabled(tiny.unet):
-        eps_pre = common.guided_noise(tiny.unet, latents, t, emb, neg, KW["guidance"])
+        eps_pre = common.guided_eps(tiny, latents, t, emb, neg, KW["guidance"])
     return log_prob, eps, eps_pre
 
 
