@@ -69,6 +69,7 @@ FLAG_RULES = {
     "num_epochs": _at_least(1),
     "save_every": ("an integer >= 0 (0 saves only at the end)", lambda v: v >= 0),
     "image_every": ("an integer >= 0 (0 logs no images)", lambda v: v >= 0),
+    "eval_num_steps": ("step counts in [1, 1000] (none: only --num-steps)", lambda v: all(1 <= n <= 1000 for n in v)),
     "lora_rank": ("an integer >= 0 (0 trains the whole UNet)", lambda v: v >= 0),
     "lora_alpha": ("a finite number > 0, or omitted for the rank", lambda v: v is None or (math.isfinite(v) and v > 0)),
     "num_steps": ("an integer in [1, 1000], Stable Diffusion's training timesteps", lambda v: 1 <= v <= 1000),

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
-# The smallest complete run: 4 images of the toy task, 2 DDIM steps, 2 minibatches.
+# The smallest complete run: 4 images of the toy task, 2 DDIM steps, 2 minibatches; evaluated at 2 and 3 steps.
 TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "2", "--sample-batch-size", "4",
-        "--num-batches-per-epoch", "1", "--train-batch-size", "2", "--image-every", "1", "--save-every", "1"]
+        "--num-batches-per-epoch", "1", "--train-batch-size", "2", "--image-every", "1", "--save-every", "1",
+        "--eval-num-steps", "3"]
 # The calibrated CPU learning setting of the README (16 images and 2 optimiser steps per epoch).
 LEARN = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "10", "--sample-batch-size", "8",
          "--num-batches-per-epoch", "2", "--train-batch-size", "8", "--learning-rate", "3e-2", "--save-every", "0"]
