@@ -351,13 +351,11 @@ if __name__ == "__main__":
         # REWARDS AND ADVANTAGES
         rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
         reward_fn.check(torch.cat([rewards, common.gather(samples["x0_rewards"]).flatten()]), epoch, run)  # SaA
-        # SaA: V_phi is fitted first (MSE of the structured value to the return), then gives every state's value.
-        # The KL enters as the regularised reward r - beta * sum_k kl_k, the value after the last step and V_phi's target
-        # for every state (ALGORITHMS.md section 5). Kept as a per-step running reward instead, a step's own term would
-        # not depend on its action and the structured value cannot carry the later terms at low noise (cos -> 1).
-        running_rewards = torch.zeros_like(samples["kl"])  # (N, T)
-        final_rewards = samples["rewards"] - args.beta * samples["kl"].sum(1)  # (N,)
-        targets = returns_to_go(final_rewards, running_rewards)  # (N, T)
+        # SaA: the KL is a running reward paid at the step that causes it, rr_k = -beta * kl_k (ALGORITHMS.md section 5).
+        # V_phi is fitted first (MSE of the structured value to the reward-to-go r + sum_{j >= k} rr_j), then gives every
+        # state's value for A_k = rr_k + V(t_{k+1}, x_{k+1}) - V(t_k, x_k).
+        running_rewards = -args.beta * samples["kl"]  # (N, T); zeros when beta = 0
+        targets = returns_to_go(samples["rewards"], running_rewards)  # (N, T)
 
         def state_values(flat):  # the structured value V(t_k, x_{t_k}, c) of flat state indices n * T + k
             rows, steps = flat // args.num_steps, flat % args.num_steps
@@ -381,7 +379,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             all_states = torch.arange(num_states, device=device).split(args.value_batch_size)
             values = torch.cat([state_values(flat) for flat in all_states]).view(-1, args.num_steps)  # (N, T)
-        advantages = common.gather(step_advantages(values, final_rewards, running_rewards))
+        advantages = common.gather(step_advantages(values, samples["rewards"], running_rewards))
         advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
         samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
         reward_curve.append(rewards.mean().item())

@@ -1,6 +1,7 @@
 """Running the scripts as a user does (subprocess, tiny model, CPU) and reading what they wrote."""
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,19 @@ def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_main(script: str, *args) -> dict:
+    """A script's main block in this process (no interpreter start-up) with `args` as its command line; returns its
+    globals as they are when it finishes, so a test can read what the script computed (advantages, losses, buffer).
+    The global RNG, which the scripts seed, is restored afterwards."""
+    argv = sys.argv
+    sys.argv = [f"{script}.py", *map(str, args)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
 
 
 def scalars(run_dir: Path) -> dict:
