@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import perturb_lora
-from helpers import OFFLINE, PYTHON, ROOT, scalars
+from helpers import OFFLINE, PYTHON, ROOT, run_main, scalars
 
 import common
 import rewards
@@ -88,18 +88,13 @@ def test_structured_value_weights_and_its_limit_at_t_0():
     ones, zeros, angle = torch.ones(6), torch.zeros(6), torch.tensor(angle)
     torch.testing.assert_close(saa.structured_value(t, ones, zeros, n), torch.cos(angle))  # the weight of r(x0_hat)
     torch.testing.assert_close(saa.structured_value(t, zeros, ones, n), torch.sin(angle))  # the weight of V_phi
-    # t = 0: exactly the reward of the denoised image, whatever V_phi says
-    r_hat = torch.tensor([0.3, -2.0])
-    assert torch.equal(saa.structured_value(torch.tensor([0, 0]), r_hat, torch.tensor([123.0, -4.0]), n), r_hat)
-    # t -> 0: the gap to the x0_hat reward, (cos - 1) r_hat + sin V_phi, vanishes
-    gaps = [abs(saa.structured_value(torch.tensor([ti]), torch.tensor([0.3]), torch.tensor([10.0]), n).item() - 0.3)
-            for ti in (100, 10, 1)]
-    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.02
 
 
-def test_value_at_t_0_is_the_reward_of_the_decoded_x0_hat(tiny, embeds):
-    """On the tiny pipeline: V(0, x, c) = r(decode(x0_hat)) exactly (with V_phi's actual output), and at the
-    last sampled step (t = 1) V is within (1 - cos(pi / 2000)) |r_hat| + sin(pi / 2000) |V_phi| of it."""
+def test_denoised_rewards_are_of_each_states_tweedie_estimate(tiny, embeds):
+    """The r(decode(x0_hat)) term of the value, on the tiny pipeline: denoised_rewards scores decode(x0_hat) of
+    every state (in chunks that span trajectories), and x0_hat of state k is Tweedie's estimate AT that state: it
+    approaches the sampled x_0 step by step, and at the last state (t = 1, where the value is almost all this term)
+    its reward is the final image's within 1e-3."""
     texts, emb, neg = embeds
     traj = common.sample(tiny, emb, neg, num_steps=4, guidance=5.0, eta=1.0, generator=torch.Generator().manual_seed(0),
                          return_pred_x0=True)
@@ -107,20 +102,9 @@ def test_value_at_t_0_is_the_reward_of_the_decoded_x0_hat(tiny, embeds):
     for k in range(4):
         images = common.decode_latents(tiny, traj.pred_x0[:, k])
         torch.testing.assert_close(x0_rewards[:, k], rewards.color(images, texts))
-    net = saa.ValueNet(4, emb.shape[-1])
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)  # a non-trivial V_phi
-        last = traj.latents[:, -2]
-        v_phi = net(last, torch.zeros(3, dtype=torch.long), emb)
-        assert v_phi.abs().min() > 0
-        assert torch.equal(saa.structured_value(torch.zeros(3), x0_rewards[:, -1], v_phi), x0_rewards[:, -1])
-        t_last = traj.timesteps[-1].expand(3)
-        assert t_last[0] == 1
-        v_phi = net(last, t_last, emb)
-        gap = (saa.structured_value(t_last, x0_rewards[:, -1], v_phi) - x0_rewards[:, -1]).abs()
-        a = math.pi / 2000
-        assert (gap <= (1 - math.cos(a)) * x0_rewards[:, -1].abs() + math.sin(a) * v_phi.abs() + 1e-6).all()
+    gaps = [(traj.pred_x0[:, k] - traj.latents[:, -1]).abs().max().item() for k in range(4)]  # measured: 6.2 ... 0.08
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.02 * gaps[0], gaps
+    assert (x0_rewards[:, -1] - rewards.color(traj.images, texts)).abs().max() < 1e-3
 
 
 def test_advantages_telescope_to_reward_minus_initial_value():
@@ -201,7 +185,6 @@ def test_torchrun_end_to_end_with_kl_and_two_step_counts(tmp_path):
     logged = {tag: dict(points) for tag, points in scalars(out).items()}
     for steps in (2, 3):
         assert len(logged[f"eval/reward_mean_{steps}steps"]) == 3  # before, after epoch 1, after epoch 2
-    assert logged["eval/reward_mean"] == logged["eval/reward_mean_2steps"]
     for tag in ("losses/policy_loss", "losses/value_loss", "losses/kl_to_ref", "debug/value_at_start",
                 "debug/ratio_dev_at_start", "charts/reward_mean"):
         assert len(logged[tag]) == 2 and all(math.isfinite(v) for v in logged[tag].values()), tag
@@ -212,6 +195,24 @@ def test_torchrun_end_to_end_with_kl_and_two_step_counts(tmp_path):
     state = checkpoint_tensors(out / "checkpoints" / "epoch_0002")
     assert any(v.abs().max() > 0 for k, v in state.items() if k.startswith("lora/") and ".lora.up." in k)  # B moved
     assert state["state/value_net/head.4.weight"].abs().max() > 0  # V_phi moved (its last layer starts at 0)
+
+
+def test_kl_is_a_running_reward_paid_at_its_step(tmp_path):
+    """Two epochs in process with beta > 0 (in the second, the policy differs from the pretrained model, so the KL
+    terms are > 0). Step k's KL is a running reward rr_k = -beta kl_k: V_phi's target for state k is the reward-to-go
+    r + sum_{j >= k} rr_j, so the last state is charged its own step's KL only and the first state all of it; the
+    advantages are the standardised rr_k + V(t_{k+1}) - V(t_k) of the values the script computed."""
+    beta = 0.1
+    g = run_main("score_as_action", *TINY, "--num-steps", 3, "--sample-batch-size", 2, "--num-batches-per-epoch", 2,
+                 "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--beta", beta, "--value-batch-size", 4,
+                 "--learning-rate", 1e-2, "--num-epochs", 2, "--image-every", 0, "--save-every", 0, "--output-dir", tmp_path)
+    kl, rewards, targets = g["samples"]["kl"], g["samples"]["rewards"], g["targets"]
+    assert kl.shape == (4, 3) and (kl > 0).all()
+    torch.testing.assert_close(targets[:, -1], rewards - beta * kl[:, -1])
+    torch.testing.assert_close(targets[:, 0], rewards - beta * kl.sum(1))
+    raw = saa.step_advantages(g["values"], rewards, -beta * kl)
+    torch.testing.assert_close(g["advantages"], saa.standardise_per_timestep(raw))
+    assert g["metrics"]["losses/kl_to_ref"] == pytest.approx(kl.sum(1).mean().item())
 
 
 @pytest.mark.parametrize("args,message", [(["--beta", "-1"], "--beta"), (["--beta", "0.1", "--lora-rank", "0"], "LoRA"),
