@@ -102,6 +102,12 @@ def test_denoised_rewards_are_of_each_states_tweedie_estimate(tiny, embeds):
     for k in range(4):
         images = common.decode_latents(tiny, traj.pred_x0[:, k])
         torch.testing.assert_close(x0_rewards[:, k], rewards.color(images, texts))
+    for k in (0, 2):  # the sampler stores the estimate of the state the step started from
+        with torch.no_grad():
+            eps = common.guided_noise(tiny.unet, traj.latents[:, k], traj.timesteps[k], emb, neg, 5.0)
+        _, _, x0 = common.ddim_step(tiny.scheduler, eps, traj.timesteps[k], traj.latents[:, k], num_steps=4, eta=1.0,
+                                    prev_sample=traj.latents[:, k + 1])
+        torch.testing.assert_close(traj.pred_x0[:, k], x0, rtol=1e-5, atol=1e-5)
     gaps = [(traj.pred_x0[:, k] - traj.latents[:, -1]).abs().max().item() for k in range(4)]  # measured: 6.2 ... 0.08
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.02 * gaps[0], gaps
     assert (x0_rewards[:, -1] - rewards.color(traj.images, texts)).abs().max() < 1e-3
