@@ -12,7 +12,7 @@ lines of ppo.py's Args and main loop are marked `# DPOK`; docs/dpok.md has the d
     python dpok.py --prompt-file prompts.txt --reward aesthetic     # SD 1.5, GPU; multi-prompt: --alpha 1000 --beta 0.1
     python dpok.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2 \
         --sample-batch-size 8 --buffer-size 80 --num-policy-steps 1 --gradient-accumulation-steps 2 \
-        --train-batch-size 40 --value-learning-rate 1e-3 --num-value-steps 20 --num-value-batches 1  # CPU toy task
+        --train-batch-size 40 --value-learning-rate 1e-3 --num-value-steps 20 --num-value-batches 1 --value-fit last
     torchrun --nproc_per_node 8 dpok.py --reward aesthetic --prompts simple_animals --alpha 1000 --beta 0.1
 """
 
