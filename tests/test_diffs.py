@@ -9,7 +9,7 @@ from helpers import ROOT
 # Changed lines (`diff a b | grep -c '^[<>]'`), set from the scripts as written; a later edit that widens a
 # diff must raise its budget here on purpose. The headers and docstrings account for ~20 lines of each.
 BUDGETS = {("reinforce", "ppo"): 110, ("ppo", "loop"): 70, ("ppo", "score_as_action"): 250,
-           ("ppo", "dpok"): 330}
+           ("ppo", "dpok"): 340}
 SCRIPTS = ["reinforce", "ppo", "loop", "dpok", "score_as_action"]
 
 
