@@ -1,5 +1,6 @@
 """The shared substrate: sampler, DDIM step and log-prob, loading, LoRA, tokenizer, rewards, prompts, checkpoints."""
 
+import math
 
 import pytest
 import torch
