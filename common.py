@@ -69,6 +69,7 @@ FLAG_RULES = {
     "num_epochs": _at_least(1),
     "save_every": ("an integer >= 0 (0 saves only at the end)", lambda v: v >= 0),
     "image_every": ("an integer >= 0 (0 logs no images)", lambda v: v >= 0),
+    "eval_num_steps": ("step counts in [1, 1000] (none: only --num-steps)", lambda v: all(1 <= n <= 1000 for n in v)),
     "lora_rank": ("an integer >= 0 (0 trains the whole UNet)", lambda v: v >= 0),
     "lora_alpha": ("a finite number > 0, or omitted for the rank", lambda v: v is None or (math.isfinite(v) and v > 0)),
     "num_steps": ("an integer in [1, 1000], Stable Diffusion's training timesteps", lambda v: 1 <= v <= 1000),
@@ -208,8 +209,9 @@ def load_pipeline(
     built with seed 0, so every run starts from the same "pretrained" model); `seed` seeds the LoRA init. The VAE and text encoder are frozen and cast to the `mixed_precision`
     dtype. With `lora_rank > 0` the UNet is frozen too and peft LoRA adapters (zero-initialised B, so
     the model starts exactly at the pretrained one) are attached to `lora_targets`, kept in float32;
-    with `lora_rank == 0` the whole UNet is trained in float32. Attention uses PyTorch's SDPA
-    (diffusers' default processor). `compile` wraps the UNet's forward in `torch.compile`.
+    with `lora_rank == 0` the whole UNet is trained in float32, loaded as float32 (not rounded through the
+    mixed-precision dtype first). Attention uses PyTorch's SDPA (diffusers' default processor). `compile` wraps
+    the UNet's forward in `torch.compile`. The model must predict eps or v (`PREDICTION_TYPES`).
     """
     from diffusers import StableDiffusionPipeline
 
@@ -221,7 +223,8 @@ def load_pipeline(
         pipe = _offline_pipeline(model, seed=0)  # the "pretrained" weights are the same for every run
     else:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=DTYPES[mixed_precision],
+            # float32 first: frozen parts are cast below, a trained full UNet must not start from rounded weights
+            pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32,
                                                            safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError) as e:  # not a folder, not in the cache, hub unreachable or id malformed
             fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local "
@@ -233,6 +236,9 @@ def load_pipeline(
         if pipe.scheduler.config.set_alpha_to_one:
             fail(f"model {model!r} has a scheduler with set_alpha_to_one=True: its last DDIM step is deterministic and "
                  f"has no log-probability; these methods need SD 1.x/2.x's set_alpha_to_one=False")
+        if pipe.scheduler.config.prediction_type not in PREDICTION_TYPES:
+            fail(f"model {model!r} predicts {pipe.scheduler.config.prediction_type!r}; the DDIM step here supports "
+                 f"{' and '.join(PREDICTION_TYPES)} models (SD 1.x, SD 2.x)")
     dtype = DTYPES[mixed_precision]
     pipe.set_progress_bar_config(disable=True)
     for frozen in (pipe.vae, pipe.text_encoder) + ((pipe.unet,) if lora_rank > 0 else ()):
@@ -272,11 +278,14 @@ def autocast(device: torch.device, mixed_precision: str):
 
 
 def speed_flags(device: torch.device):
-    """TF32 matmuls and cuDNN autotuning on GPU: free speed with no effect on the algorithm."""
+    """TF32 matmuls and convolutions on GPU (ddpo-pytorch's `allow_tf32 = True`): no effect on the algorithm.
+
+    cuDNN autotuning (`cudnn.benchmark`) is left off, PyTorch's default and the references': it picks convolution
+    kernels by timing them, which adds run-to-run variation on GPU for a gain nobody has measured here.
+    """
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
 
 
 @contextlib.contextmanager
@@ -309,9 +318,16 @@ def guided_noise(unet, latents, t, embeds, neg_embeds, guidance: float) -> torch
 
     `t` is a scalar or a (B,) tensor (training evaluates a different timestep per sample);
     `neg_embeds` is the empty-prompt embedding, (1, 77, D) or (B, 77, D). With w = 1 there is nothing
-    to guide and a single conditional call is made. Returns float32 (B, C, h, w).
+    to guide and a single conditional call is made. Returns float32 (B, C, h, w): the guided UNet output,
+    which is v_hat for a v-prediction model (guidance is linear, so guiding v is guiding eps); `guided_eps`
+    converts it.
     """
     return _guided_noise(unet, latents, t, cfg_embeds(embeds, neg_embeds, guidance), guidance)
+
+
+def guided_eps(pipe, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
+    """The guided noise prediction eps_hat whatever the model predicts (`guided_noise`, then `predicted_eps`)."""
+    return predicted_eps(pipe.scheduler, guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance), t, latents)
 
 
 def cfg_embeds(embeds, neg_embeds, guidance: float):
@@ -340,9 +356,34 @@ def gaussian_log_prob(x, mean, std):
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
-def ddim_step(scheduler, eps, t, latents, *, num_steps: int, eta: float, prev_sample=None, noise=None):
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: SD 1.x eps, SD 2.x (768 px) v
+
+
+def _eps_and_x0(scheduler, model_output, a_t, latents):
+    """(eps_hat, x0_hat) from the UNet output: for eps, x0 = (x - sqrt(1 - a) eps) / sqrt(a); for
+    v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022), x0 = sqrt(a) x - sqrt(1 - a) v and
+    eps = sqrt(a) v + sqrt(1 - a) x, as ddpo-pytorch's `ddim_step_with_logprob` and diffusers' DDIMScheduler."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return model_output, (latents - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
+    if kind == "v_prediction":
+        return a_t.sqrt() * model_output + (1 - a_t).sqrt() * latents, a_t.sqrt() * latents - (1 - a_t).sqrt() * model_output
+    fail(f"the scheduler's prediction_type is {kind!r}; supported: {', '.join(PREDICTION_TYPES)}")
+
+
+def predicted_eps(scheduler, model_output, t, latents):
+    """eps_hat from the (guided) UNet output at timestep(s) t: the output itself for an eps model, converted
+    for a v model. float32 (B, C, h, w)."""
+    model_output, latents = model_output.float(), latents.float()
+    b = latents.shape[0]
+    a_t = scheduler.alphas_cumprod[torch.as_tensor(t, device=latents.device).long().expand(b)].view(b, 1, 1, 1)
+    return _eps_and_x0(scheduler, model_output, a_t, latents)[0]
+
+
+def ddim_step(scheduler, model_output, t, latents, *, num_steps: int, eta: float, prev_sample=None, noise=None):
     """One DDIM(eta) step x_t -> x_{t'} with its log-probability (ALGORITHMS.md section 0, steps 2-6).
 
+    model_output is the guided UNet output: eps_hat, or v_hat for a v-prediction scheduler (converted first).
     x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                       (no clipping: latents)
     sigma  = eta * sqrt((1 - a_t') / (1 - a_t)) * sqrt(1 - a_t / a_t')
     mu     = sqrt(a_t') x0_hat + sqrt(1 - a_t' - sigma^2) eps;   x_{t'} = mu + sigma z
@@ -354,14 +395,14 @@ def ddim_step(scheduler, eps, t, latents, *, num_steps: int, eta: float, prev_sa
     step is deterministic and the log-probability is undefined: zeros are returned.
     Returns (x_{t'}, log_prob (B,), x0_hat).
     """
-    eps, latents = eps.float(), latents.float()
+    model_output, latents = model_output.float(), latents.float()
     b = latents.shape[0]
     t = torch.as_tensor(t, device=latents.device).long().expand(b)
     prev_t = t - scheduler.config.num_train_timesteps // num_steps
     alphas = scheduler.alphas_cumprod
     a_t = alphas[t].view(b, 1, 1, 1)
     a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod).view(b, 1, 1, 1)
-    x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    eps, x0 = _eps_and_x0(scheduler, model_output, a_t, latents)
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
     if prev_sample is None:
@@ -374,11 +415,12 @@ def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_ste
     """The training path: log pi_theta(x_{t'} | x_t, c) of STORED transitions under the current weights.
 
     Same guided eps and same w as sampling (DDPO: training without CFG degrades quickly).
-    Returns (log_prob (B,), eps_hat (B, C, h, w)) so that methods with a KL term can reuse eps_hat.
+    Returns (log_prob (B,), eps_hat (B, C, h, w)) so that methods with a KL term can reuse eps_hat (converted
+    from v_hat for a v-prediction model).
     """
-    eps = guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance)
-    _, log_prob, _ = ddim_step(pipe.scheduler, eps, t, latents, num_steps=num_steps, eta=eta, prev_sample=next_latents)
-    return log_prob, eps
+    output = guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance)
+    _, log_prob, _ = ddim_step(pipe.scheduler, output, t, latents, num_steps=num_steps, eta=eta, prev_sample=next_latents)
+    return log_prob, predicted_eps(pipe.scheduler, output, t, latents)
 
 
 @dataclasses.dataclass
@@ -435,8 +477,8 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
     xs, log_probs, x0s = [x], [], []
     both_embeds = cfg_embeds(embeds, neg_embeds, guidance)  # concatenated once, not at every step
     for i, t in enumerate(scheduler.timesteps):
-        eps = _guided_noise(unet, x, t, both_embeds, guidance)
-        x, log_prob, x0 = ddim_step(scheduler, eps, t, x, num_steps=num_steps, eta=eta, noise=noise[:, i + 1])
+        output = _guided_noise(unet, x, t, both_embeds, guidance)  # eps_hat (or v_hat)
+        x, log_prob, x0 = ddim_step(scheduler, output, t, x, num_steps=num_steps, eta=eta, noise=noise[:, i + 1])
         xs.append(x)
         log_probs.append(log_prob)
         if return_pred_x0:

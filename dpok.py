@@ -4,15 +4,15 @@
 Sampling is ppo.py's; what changes is what happens to the samples. Every transition (x_t, x_t', t, c, old
 log-prob, final reward) goes into a replay buffer of the most recent transitions. The policy is trained on
 transitions drawn uniformly from the buffer with the loss -alpha * (r - V) * clamp(rho, 1 - eps, 1 + eps)
-+ beta * mean((eps_theta - eps_pre)^2), eps_pre being the same UNet with its LoRA adapters disabled; then a value
-network V_phi(x_t, c, t) is fitted to the final rewards. Defaults follow the reference code,
++ beta * mean((eps_theta - eps_pre)^2), eps_pre being the same UNet with its LoRA adapters disabled; the value
+network V_phi(x_t, c, t) is fitted to the final rewards before that (`--value-fit last`: after). Defaults follow the reference code,
 google-research/google-research `dpok/train_online_pg.py`, with its README's single-prompt settings. Changed
 lines of ppo.py's Args and main loop are marked `# DPOK`; docs/dpok.md has the details and the deviations.
 
     python dpok.py --prompt-file prompts.txt --reward aesthetic     # SD 1.5, GPU; multi-prompt: --alpha 1000 --beta 0.1
     python dpok.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2 \
         --sample-batch-size 8 --buffer-size 80 --num-policy-steps 1 --gradient-accumulation-steps 2 \
-        --train-batch-size 40 --value-learning-rate 1e-3 --num-value-steps 20 --num-value-batches 1  # CPU toy task
+        --train-batch-size 40 --value-learning-rate 1e-3 --num-value-steps 20 --num-value-batches 1 --value-fit last
     torchrun --nproc_per_node 8 dpok.py --reward aesthetic --prompts simple_animals --alpha 1000 --beta 0.1
 """
 
@@ -44,6 +44,8 @@ class Args:
     """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
     image_every: int = 50  # DPOK
     """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
+    eval_num_steps: tuple[int, ...] = (25, 100)
+    """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation)"""
     resume: Optional[str] = None
     """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
     track: bool = False
@@ -111,9 +113,13 @@ class Args:
     clip: float = 1e-4
     """the ratio is clamped to [1 - clip, 1 + clip] (a plain clamp: outside it a transition has no policy gradient)"""
     alpha: float = 10.0  # DPOK
-    """reward weight alpha of the policy loss (the reference: 10 for one prompt, 1000 for many)"""
+    """reward weight alpha of the policy loss (the reference: 10 for one prompt, 1000 for many, with ImageReward
+    standardised to about unit scale: with another reward scale, e.g. JPEG kB, alpha/beta weighs reward and KL anew)"""
     beta: float = 0.01  # DPOK
     """KL weight beta on mean((eps_theta - eps_pre)^2) (the reference: 0.01 for one prompt, 0.1 for many)"""
+    value_fit: Literal["first", "last"] = "first"  # DPOK
+    """when V_phi is fitted each epoch: first (the reference: on the buffer with the new transitions, then used for
+    their advantages) or last (after the policy steps: advantages from a V_phi that has not seen these rewards)"""
     buffer_size: int = 1000  # DPOK
     """replay buffer: the most recent this many transitions of each process"""
     value_learning_rate: float = 1e-4  # DPOK
@@ -174,6 +180,29 @@ def buffer_add(buffer: dict, transitions: dict, size: int) -> dict:
     return {key: value[-size:] for key, value in transitions.items()}
 
 
+def fit_value(value_net, value_optimizer, buffer: dict, draws, num_value_batches: int) -> list:
+    """V_phi's update on buffer transitions: one value_loss per row of `draws` (indices into the buffer), accumulated
+    over num_value_batches rows per AdamW step (the reference's `_train_value_func`, divided by `v_step`); gradients
+    averaged across processes. Returns the losses, each before its step."""
+    params, losses = list(value_net.parameters()), []
+    for v, idx in enumerate(draws):
+        loss = value_loss(value_net, {key: value[idx] for key, value in buffer.items()})
+        (loss / num_value_batches).backward()
+        losses.append(loss.detach())
+        if (v + 1) % num_value_batches == 0:
+            common.average_gradients(params)
+            value_optimizer.step()
+            value_optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def draw_indices(num_draws: int, buffer_len: int, generator) -> torch.Tensor:
+    """(num_draws, buffer_len): each row an independent uniform permutation of the buffer's rows, old and new alike.
+    The first b entries of a row are a uniform draw of b transitions without replacement (the reference's
+    `np.random.choice(n, b, replace=False)` per micro-batch)."""
+    return torch.rand(num_draws, buffer_len, generator=generator, device=generator.device).argsort(dim=1)
+
+
 def policy_loss(log_prob, old_log_prob, advantages, clip: float):
     """DPOK's policy term: mean(-A * clamp(rho, 1 - eps, 1 + eps)), rho = exp(log pi_theta - log pi_old) and
     A = r - V_phi(x_t, c, t) (no gradient into V_phi). At rho = 1 its gradient is REINFORCE's -A grad log pi_theta
@@ -193,6 +222,15 @@ def kl_to_pretrained(eps, eps_pre):
     KL(pi_theta || pi_pre) = c_t^2 / (2 sigma_t^2) * ||eps_theta - eps_pre||^2: this is the per-step KL that the paper
     sums to bound KL(p_theta(x_0 | c) || p_pre(x_0 | c)), without the per-step weight (as the reference code)."""
     return ((eps.float() - eps_pre.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
+
+
+def dpok_loss(log_prob, old_log_prob, advantages, eps, eps_pre, *, alpha: float, beta: float, clip: float):
+    """The loss of a micro-batch, as the reference assembles it: alpha * policy_loss + beta * mean(kl_to_pretrained),
+    L = -alpha * mean(A * clamp(rho, 1 - eps, 1 + eps)) + beta * mean((eps_theta - eps_pre)^2).
+    Returns (loss, policy term, KL term, approx_kl, clipfrac)."""
+    policy, approx_kl, clipfrac = policy_loss(log_prob, old_log_prob, advantages, clip)
+    kl = kl_to_pretrained(eps, eps_pre).mean()
+    return alpha * policy + beta * kl, policy.detach(), kl.detach(), approx_kl, clipfrac
 
 
 if __name__ == "__main__":
@@ -241,14 +279,15 @@ if __name__ == "__main__":
     latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2  # DPOK
     torch.manual_seed(args.seed)  # DPOK: V_phi starts the same on every process
     value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)  # DPOK: float32
-    value_params = list(value_net.parameters())  # DPOK
-    value_optimizer = torch.optim.AdamW(value_params, lr=args.value_learning_rate)  # DPOK
+    value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)  # DPOK
     start_epoch, global_step, buffer, reward_curve = 0, 0, {}, []  # DPOK
+    eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
     if checkpoint:
         state = common.load_checkpoint(checkpoint, pipe.unet)
         common.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # DPOK
+        eval_before = state["eval_before"]
         value_net.load_state_dict(state["value_net"])  # DPOK
         common.load_optimizer(value_optimizer, state["value_optimizer"])  # DPOK
         if state["world_size"] != dist.world_size:  # DPOK: the buffers are per process
@@ -258,16 +297,27 @@ if __name__ == "__main__":
     # the run folder is created only now that the model and any checkpoint have loaded: the run can start
     logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
 
-    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids and rewards compare across epochs
         if not main:
             return
-        with common.autocast(device, precision):
-            images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **sample_kw)
-        grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
-        (run_dir / "images").mkdir(parents=True, exist_ok=True)
-        grid.save(run_dir / "images" / f"{tag}.png")
-        logger.image("images/eval", grid, step)
-        logger.scalars({"eval/reward_mean": rewards.mean()}, step)
+        means = {}  # mean eval reward per step count: --num-steps (the training one), then --eval-num-steps
+        for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
+            with common.autocast(device, precision):
+                images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
+                                                  **dict(sample_kw, num_steps=num_steps))
+            means[num_steps] = rewards.mean().item()
+            if num_steps == args.num_steps:  # the image grid is of the training step count
+                grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
+                (run_dir / "images").mkdir(parents=True, exist_ok=True)
+                grid.save(run_dir / "images" / f"{tag}.png")
+                logger.image("images/eval", grid, step)
+        if tag == "before":
+            eval_before.update(means)  # the reference of every later gain (saved in checkpoints)
+        gains = {n: mean - eval_before[n] for n, mean in means.items() if n in eval_before}
+        logger.scalars({"eval/reward_mean": means[args.num_steps], **{f"eval/reward_mean_{n}steps": m for n, m in means.items()},
+                        **{f"eval/reward_gain_{n}steps": g for n, g in gains.items()}}, step)
+        common.print0(f"eval reward ({tag}): " + ", ".join(f"{n} steps {m:.4f}" + (f" ({gains[n]:+.4f})" if n in gains else "")
+                                                          for n, m in means.items()))
 
     if start_epoch == 0 and args.image_every > 0:
         log_images(0, "before")
@@ -301,25 +351,28 @@ if __name__ == "__main__":
         rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
         reward_fn.check(rewards, epoch, run)  # one line if an image (a diverged model) or a reward is not finite
         reward_curve.append(rewards.mean().item())
-        # DPOK: this epoch's transitions join the replay buffer (one per process, the most recent buffer_size kept) and
-        # every buffered transition gets A = r - V_phi(x_t, c, t) from the value network as fitted on EARLIER epochs: a
-        # baseline that has not seen these rewards (the reference fits V_phi first: docs/dpok.md, detail 4).
+        # DPOK: this epoch's transitions join the replay buffer (one per process, the most recent buffer_size kept);
+        # V_phi is fitted on it (--value-fit first, the reference's order; last: after the policy steps, docs/dpok.md,
+        # detail 4), then every buffered transition gets A = r - V_phi(x_t, c, t).
         transitions = to_transitions(samples["latents"], samples["log_probs"], samples["rewards"], samples["text"],
                                      all_prompt_ids[first : first + samples_per_process].to(device))
         buffer = buffer_add(buffer, transitions, args.buffer_size)
+        g = common.generator(device, args.seed, epoch, common.SHUFFLE, dist.rank)
+        draws = draw_indices(minibatches + args.num_value_steps * args.num_value_batches, len(buffer["rewards"]), g)
+        micro_batches, value_batches = draws[:minibatches, : args.train_batch_size], draws[minibatches:, : args.value_batch_size]
+        if args.value_fit == "first":  # the reference's order
+            value_losses = fit_value(value_net, value_optimizer, buffer, value_batches, args.num_value_batches)
         with torch.no_grad():
             advantages = buffer["rewards"] - value_net(buffer["latents"], buffer["text"], buffer["steps"])
+        explained_variance = 1 - advantages.var() / buffer["rewards"].var()  # of the rewards by V_phi, as CleanRL logs it
+        fresh_fraction = (micro_batches >= len(buffer["rewards"]) - len(transitions["rewards"])).float().mean()
 
         # TRAINING
         # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches drawn uniformly from
-        # the buffer (without replacement within a draw), then V_phi's step(s)
+        # the buffer (without replacement within a draw), then V_phi's step(s) with --value-fit last
         pipe.unet.train()
-        info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": [], "value_loss": []}
+        info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, later the buffer's staleness
-        g = common.generator(device, args.seed, epoch, common.SHUFFLE, dist.rank)
-        num_draws = minibatches + args.num_value_steps * args.num_value_batches
-        draws = torch.rand(num_draws, len(buffer["rewards"]), generator=g, device=device).argsort(dim=1)  # uniform rows
-        micro_batches = draws[:minibatches, : args.train_batch_size]
         for m, idx in enumerate(common.progress(micro_batches, enabled=main, desc="training", leave=False)):
             batch = {key: value[idx] for key, value in buffer.items()}  # b transitions
             latents, t, adv = batch["latents"], timesteps[batch["steps"]], advantages[idx]
@@ -328,12 +381,12 @@ if __name__ == "__main__":
                 log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds,
                                                      **sample_kw)
                 with torch.no_grad(), common.adapters_disabled(pipe.unet):
-                    eps_pre = common.guided_noise(pipe.unet, latents, t, embeds, neg_embeds, args.guidance)
-            loss, approx_kl, clipfrac = policy_loss(log_prob, batch["log_probs"], adv, args.clip)
-            kl = kl_to_pretrained(eps, eps_pre).mean()
-            scaler.scale((args.alpha * loss + args.beta * kl) / args.gradient_accumulation_steps).backward()
-            info["policy_loss"].append(loss.detach())
-            info["kl_to_ref"].append(kl.detach())
+                    eps_pre = common.guided_eps(pipe, latents, t, embeds, neg_embeds, args.guidance)
+            loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre,
+                                                              alpha=args.alpha, beta=args.beta, clip=args.clip)
+            scaler.scale(loss / args.gradient_accumulation_steps).backward()
+            info["policy_loss"].append(policy)
+            info["kl_to_ref"].append(kl)
             info["approx_kl"].append(approx_kl)
             info["clipfrac"].append(clipfrac)
             if m < args.gradient_accumulation_steps:
@@ -347,15 +400,9 @@ if __name__ == "__main__":
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
-        # DPOK: V_phi fitted to the final rewards, num_value_steps AdamW steps of num_value_batches minibatches each
-        for v, idx in enumerate(draws[minibatches:, : args.value_batch_size]):
-            loss = value_loss(value_net, {key: value[idx] for key, value in buffer.items()})
-            (loss / args.num_value_batches).backward()
-            info["value_loss"].append(loss.detach())
-            if (v + 1) % args.num_value_batches == 0:
-                common.average_gradients(value_params)
-                value_optimizer.step()
-                value_optimizer.zero_grad(set_to_none=True)
+        if args.value_fit == "last":  # DPOK: V_phi fitted to the final rewards after the policy steps
+            value_losses = fit_value(value_net, value_optimizer, buffer, value_batches, args.num_value_batches)
+        info["value_loss"] = value_losses  # DPOK
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
@@ -363,7 +410,8 @@ if __name__ == "__main__":
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
-                        "debug/skipped_steps": run.skipped_steps})
+                        "debug/skipped_steps": run.skipped_steps,
+                        "losses/explained_variance": explained_variance, "debug/fresh_fraction": fresh_fraction})  # DPOK
         reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
@@ -376,6 +424,7 @@ if __name__ == "__main__":
             if main:
                 run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                    "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),
                     "value_optimizer": value_optimizer.state_dict(), "buffer": all_buffers, "world_size": dist.world_size})
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")

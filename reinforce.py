@@ -41,6 +41,8 @@ class Args:
     """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
     image_every: int = 10
     """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
+    eval_num_steps: tuple[int, ...] = (25, 100)
+    """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation)"""
     resume: Optional[str] = None
     """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
     track: bool = False
@@ -158,25 +160,38 @@ if __name__ == "__main__":
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
     start_epoch, global_step, reward_curve = 0, 0, []
+    eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
     if checkpoint:
         state = common.load_checkpoint(checkpoint, pipe.unet)
         common.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]
+        eval_before = state["eval_before"]
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
     # the run folder is created only now that the model and any checkpoint have loaded: the run can start
     logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
 
-    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids and rewards compare across epochs
         if not main:
             return
-        with common.autocast(device, precision):
-            images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **sample_kw)
-        grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
-        (run_dir / "images").mkdir(parents=True, exist_ok=True)
-        grid.save(run_dir / "images" / f"{tag}.png")
-        logger.image("images/eval", grid, step)
-        logger.scalars({"eval/reward_mean": rewards.mean()}, step)
+        means = {}  # mean eval reward per step count: --num-steps (the training one), then --eval-num-steps
+        for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
+            with common.autocast(device, precision):
+                images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
+                                                  **dict(sample_kw, num_steps=num_steps))
+            means[num_steps] = rewards.mean().item()
+            if num_steps == args.num_steps:  # the image grid is of the training step count
+                grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
+                (run_dir / "images").mkdir(parents=True, exist_ok=True)
+                grid.save(run_dir / "images" / f"{tag}.png")
+                logger.image("images/eval", grid, step)
+        if tag == "before":
+            eval_before.update(means)  # the reference of every later gain (saved in checkpoints)
+        gains = {n: mean - eval_before[n] for n, mean in means.items() if n in eval_before}
+        logger.scalars({"eval/reward_mean": means[args.num_steps], **{f"eval/reward_mean_{n}steps": m for n, m in means.items()},
+                        **{f"eval/reward_gain_{n}steps": g for n, g in gains.items()}}, step)
+        common.print0(f"eval reward ({tag}): " + ", ".join(f"{n} steps {m:.4f}" + (f" ({gains[n]:+.4f})" if n in gains else "")
+                                                          for n, m in means.items()))
 
     if start_epoch == 0 and args.image_every > 0:
         log_images(0, "before")
@@ -268,6 +283,7 @@ if __name__ == "__main__":
             if main:
                 run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                    "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve})
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
     if main and reward_curve:

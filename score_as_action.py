@@ -44,6 +44,8 @@ class Args:
     """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
     image_every: int = 10
     """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
+    eval_num_steps: tuple[int, ...] = (25, 100)
+    """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation)"""
     resume: Optional[str] = None
     """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
     track: bool = False
@@ -122,8 +124,6 @@ class Args:
     """states (x_t, t, c) per V_phi minibatch"""
     value_epochs: int = 1
     """passes of V_phi over each epoch's states, made before that epoch's advantages are computed"""
-    eval_num_steps: tuple[int, ...] = (25, 100)
-    """step counts evaluated (every --image-every epochs, same prompts and noise) besides --num-steps"""
 
 
 def score_from_eps(eps, alphabar_t):  # SaA
@@ -217,9 +217,9 @@ def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guida
     for i in range(0, len(x), chunk):
         xi, ti, ci = x[i : i + chunk], t[i : i + chunk], c[i : i + chunk]
         alphabar_t, alphabar_next = step_alphas(pipe.scheduler, ti, num_steps)
-        eps = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
+        eps = common.guided_eps(pipe, xi, ti, ci, neg_embeds, guidance)
         with common.adapters_disabled(pipe.unet):
-            eps_pre = common.guided_noise(pipe.unet, xi, ti, ci, neg_embeds, guidance)
+            eps_pre = common.guided_eps(pipe, xi, ti, ci, neg_embeds, guidance)
         score, score_pre = score_from_eps(eps, alphabar_t), score_from_eps(eps_pre, alphabar_t)
         out.append(kl_terms(score, score_pre, alphabar_t, alphabar_next, eta))
     return torch.cat(out).view(b, len(timesteps))
@@ -252,8 +252,8 @@ if __name__ == "__main__":
                     f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
     if args.beta < 0 or (args.beta > 0 and args.lora_rank == 0):  # SaA
         common.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0) to disable for s_pre")
-    if args.value_batch_size < 1 or args.value_epochs < 0 or min(args.eval_num_steps, default=1) < 1:  # SaA
-        common.fail("--value-batch-size must be >= 1, --value-epochs >= 0 and every --eval-num-steps >= 1")
+    if args.value_batch_size < 1 or args.value_epochs < 0:  # SaA
+        common.fail("--value-batch-size must be >= 1 and --value-epochs >= 0")
     common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
                   f"trained timesteps per trajectory", enabled=main)
@@ -282,6 +282,7 @@ if __name__ == "__main__":
     horizon = pipe.scheduler.config.num_train_timesteps  # N of the structured value (1000)
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
     start_epoch, global_step, reward_curve = 0, 0, []  # SaA
+    eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
     if checkpoint:
         state = common.load_checkpoint(checkpoint, pipe.unet)
         common.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
@@ -289,27 +290,32 @@ if __name__ == "__main__":
         value_net.load_state_dict(state["value_net"])  # SaA
         common.load_optimizer(value_optimizer, state["value_optimizer"])  # SaA
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # SaA
+        eval_before = state["eval_before"]
         common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
     # the run folder is created only now that the model and any checkpoint have loaded: the run can start
     logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
 
-    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids compare across epochs
+    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids and rewards compare across epochs
         if not main:
             return
-        with common.autocast(device, precision):
-            images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed, **sample_kw)
-        grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
-        (run_dir / "images").mkdir(parents=True, exist_ok=True)
-        grid.save(run_dir / "images" / f"{tag}.png")
-        logger.image("images/eval", grid, step)
-        evals = {"eval/reward_mean": rewards.mean(), f"eval/reward_mean_{args.num_steps}steps": rewards.mean()}  # SaA
-        for num_steps in [n for n in args.eval_num_steps if n != args.num_steps]:  # SaA: same prompts and noise
+        means = {}  # mean eval reward per step count: --num-steps (the training one), then --eval-num-steps
+        for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
             with common.autocast(device, precision):
-                _, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
-                                             **dict(sample_kw, num_steps=num_steps))
-            evals[f"eval/reward_mean_{num_steps}steps"] = rewards.mean()
-        logger.scalars(evals, step)
-        common.print0(f"eval reward ({tag}): " + ", ".join(f"{k[17:]} {v:.4f}" for k, v in list(evals.items())[1:]))
+                images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
+                                                  **dict(sample_kw, num_steps=num_steps))
+            means[num_steps] = rewards.mean().item()
+            if num_steps == args.num_steps:  # the image grid is of the training step count
+                grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
+                (run_dir / "images").mkdir(parents=True, exist_ok=True)
+                grid.save(run_dir / "images" / f"{tag}.png")
+                logger.image("images/eval", grid, step)
+        if tag == "before":
+            eval_before.update(means)  # the reference of every later gain (saved in checkpoints)
+        gains = {n: mean - eval_before[n] for n, mean in means.items() if n in eval_before}
+        logger.scalars({"eval/reward_mean": means[args.num_steps], **{f"eval/reward_mean_{n}steps": m for n, m in means.items()},
+                        **{f"eval/reward_gain_{n}steps": g for n, g in gains.items()}}, step)
+        common.print0(f"eval reward ({tag}): " + ", ".join(f"{n} steps {m:.4f}" + (f" ({gains[n]:+.4f})" if n in gains else "")
+                                                          for n, m in means.items()))
 
     if start_epoch == 0 and args.image_every > 0:
         log_images(0, "before")
@@ -345,13 +351,11 @@ if __name__ == "__main__":
         # REWARDS AND ADVANTAGES
         rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
         reward_fn.check(torch.cat([rewards, common.gather(samples["x0_rewards"]).flatten()]), epoch, run)  # SaA
-        # SaA: V_phi is fitted first (MSE of the structured value to the return), then gives every state's value.
-        # The KL enters as the regularised reward r - beta * sum_k kl_k, the value after the last step and V_phi's target
-        # for every state (ALGORITHMS.md section 5). Kept as a per-step running reward instead, a step's own term would
-        # not depend on its action and the structured value cannot carry the later terms at low noise (cos -> 1).
-        running_rewards = torch.zeros_like(samples["kl"])  # (N, T)
-        final_rewards = samples["rewards"] - args.beta * samples["kl"].sum(1)  # (N,)
-        targets = returns_to_go(final_rewards, running_rewards)  # (N, T)
+        # SaA: the KL is a running reward paid at the step that causes it, rr_k = -beta * kl_k (ALGORITHMS.md section 5).
+        # V_phi is fitted first (MSE of the structured value to the reward-to-go r + sum_{j >= k} rr_j), then gives every
+        # state's value for A_k = rr_k + V(t_{k+1}, x_{k+1}) - V(t_k, x_k).
+        running_rewards = -args.beta * samples["kl"]  # (N, T); zeros when beta = 0
+        targets = returns_to_go(samples["rewards"], running_rewards)  # (N, T)
 
         def state_values(flat):  # the structured value V(t_k, x_{t_k}, c) of flat state indices n * T + k
             rows, steps = flat // args.num_steps, flat % args.num_steps
@@ -375,7 +379,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             all_states = torch.arange(num_states, device=device).split(args.value_batch_size)
             values = torch.cat([state_values(flat) for flat in all_states]).view(-1, args.num_steps)  # (N, T)
-        advantages = common.gather(step_advantages(values, final_rewards, running_rewards))
+        advantages = common.gather(step_advantages(values, samples["rewards"], running_rewards))
         advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
         samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
         reward_curve.append(rewards.mean().item())
@@ -440,6 +444,7 @@ if __name__ == "__main__":
             if main:
                 run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                    "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "value_net": value_net.state_dict(),  # SaA
                     "value_optimizer": value_optimizer.state_dict(), "reward_curve": reward_curve})
                 common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")

@@ -1,6 +1,7 @@
 """Running the scripts as a user does (subprocess, tiny model, CPU) and reading what they wrote."""
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
-# The smallest complete run: 4 images of the toy task, 2 DDIM steps, 2 minibatches.
+# The smallest complete run: 4 images of the toy task, 2 DDIM steps, 2 minibatches; evaluated at 2 and 3 steps.
 TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "2", "--sample-batch-size", "4",
-        "--num-batches-per-epoch", "1", "--train-batch-size", "2", "--image-every", "1", "--save-every", "1"]
+        "--num-batches-per-epoch", "1", "--train-batch-size", "2", "--image-every", "1", "--save-every", "1",
+        "--eval-num-steps", "3"]
 # The calibrated CPU learning setting of the README (16 images and 2 optimiser steps per epoch).
 LEARN = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "10", "--sample-batch-size", "8",
          "--num-batches-per-epoch", "2", "--train-batch-size", "8", "--learning-rate", "3e-2", "--save-every", "0"]
@@ -28,6 +30,19 @@ def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_main(script: str, *args) -> dict:
+    """A script's main block in this process (no interpreter start-up) with `args` as its command line; returns its
+    globals as they are when it finishes, so a test can read what the script computed (advantages, losses, buffer).
+    The global RNG, which the scripts seed, is restored afterwards."""
+    argv = sys.argv
+    sys.argv = [f"{script}.py", *map(str, args)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
 
 
 def scalars(run_dir: Path) -> dict:

@@ -1,11 +1,15 @@
 """The methods' own functions: advantages, losses and their gradients, against hand computations."""
 
+import pytest
 import torch
 
 import common
 import loop
 import ppo
 import reinforce
+import score_as_action
+
+CLIPPED = [ppo, loop, score_as_action]  # the scripts with PPO's clipped surrogate (each defines its own policy_loss)
 
 
 def test_leave_one_out_advantages_by_hand():
@@ -48,16 +52,17 @@ def test_per_prompt_statistics_by_hand():
                                                  (7 - m1) / (s1 + 1e-6)]))
 
 
-def test_ppo_loss_at_ratio_one_is_minus_mean_advantage():
+@pytest.mark.parametrize("module", CLIPPED, ids=lambda m: m.__name__)
+def test_ppo_loss_at_ratio_one_is_minus_mean_advantage(module):
     lp = torch.randn(6)
     adv = torch.randn(6)
-    for module in (ppo, loop):
-        loss, kl, clipfrac = module.policy_loss(lp, lp, adv, 1e-4)
-        torch.testing.assert_close(loss, -adv.mean())
-        assert kl == 0 and clipfrac == 0
+    loss, kl, clipfrac = module.policy_loss(lp, lp, adv, 1e-4)
+    torch.testing.assert_close(loss, -adv.mean())
+    assert kl == 0 and clipfrac == 0
 
 
-def test_ppo_clipping_engages_exactly_outside_the_range():
+@pytest.mark.parametrize("module", CLIPPED, ids=lambda m: m.__name__)
+def test_ppo_clipping_engages_exactly_outside_the_range(module):
     """clipfrac counts |rho - 1| > eps. The gradient of a sample vanishes exactly when its ratio left the
     range in the direction its advantage favours (rho > 1 + eps with A > 0, rho < 1 - eps with A < 0): PPO's
     pessimistic bound keeps the unclipped gradient when the ratio moved the other way."""
@@ -65,8 +70,9 @@ def test_ppo_clipping_engages_exactly_outside_the_range():
     log_ratio = torch.log(torch.tensor([1.05, 1.2, 0.8, 1.2, 0.8, 0.95, 1.0999, 0.9001]))
     adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0, -1.0])
     lp = log_ratio.clone().requires_grad_(True)
-    loss, _, clipfrac = ppo.policy_loss(lp, torch.zeros(8), adv, eps)
+    loss, approx_kl, clipfrac = module.policy_loss(lp, torch.zeros(8), adv, eps)
     loss.backward()
+    torch.testing.assert_close(approx_kl, 0.5 * (log_ratio**2).mean())
     outside = (log_ratio.exp() - 1).abs() > eps
     torch.testing.assert_close(clipfrac, outside.float().mean())
     zero_grad = torch.tensor([False, True, False, False, True, False, False, False])

@@ -1,5 +1,6 @@
 """The shared substrate: sampler, DDIM step and log-prob, loading, LoRA, tokenizer, rewards, prompts, checkpoints."""
 
+import math
 
 import pytest
 import torch
@@ -37,6 +38,67 @@ def test_ddim_step_eta_1_equals_scheduler_step(tiny, embeds):
         ref = sched.step(eps, t, x, eta=1.0, variance_noise=z)
         torch.testing.assert_close(ours, ref.prev_sample, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x0, ref.pred_original_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_step_v_prediction_equals_scheduler_step(tiny, embeds):
+    """A v-prediction model (SD 2.x at 768 px): x0_hat, eps_hat and the step as diffusers' DDIMScheduler computes
+    them, and the log-probability of the drawn step is that of its own noise z under N(mu, sigma^2)."""
+    config = dict(tiny.scheduler.config, prediction_type="v_prediction")
+    ours_sched, ref = common.ddim_scheduler(config), common.ddim_scheduler(config)
+    ref.set_timesteps(10)
+    g = torch.Generator().manual_seed(11)
+    x, v, z = (torch.randn((3, 4, 8, 8), generator=g) for _ in range(3))
+    for t in (ref.timesteps[0], ref.timesteps[5], ref.timesteps[-1]):  # incl. the final_alpha_cumprod step
+        ours, log_prob, x0 = common.ddim_step(ours_sched, v, t, x, num_steps=10, eta=1.0, noise=z)
+        out = ref.step(v, t, x, eta=1.0, variance_noise=z)
+        torch.testing.assert_close(x0, out.pred_original_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours, out.prev_sample, rtol=1e-5, atol=1e-5)
+        a_t = ref.alphas_cumprod[t]
+        torch.testing.assert_close(common.predicted_eps(ours_sched, v, t, x), a_t.sqrt() * v + (1 - a_t).sqrt() * x)
+        prev_t = t - 100
+        a_prev = ref.alphas_cumprod[prev_t] if prev_t >= 0 else ref.final_alpha_cumprod
+        sigma = torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        expected = (-z**2 / 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(log_prob, expected, rtol=1e-4, atol=1e-4)
+    # the training path hands methods eps_hat, not v_hat (DPOK's KL term and Score as Action's score use it)
+    from types import SimpleNamespace
+
+    _, emb, neg = embeds
+    v_pipe = SimpleNamespace(unet=tiny.unet, scheduler=ours_sched)
+    t = ref.timesteps[3]
+    with torch.no_grad():
+        v_hat = common.guided_noise(tiny.unet, x, t, emb, neg, 5.0)
+        _, eps = common.step_log_prob(v_pipe, x, z, t, emb, neg, num_steps=10, guidance=5.0, eta=1.0)
+    a_t = ref.alphas_cumprod[t]
+    torch.testing.assert_close(eps, a_t.sqrt() * v_hat + (1 - a_t).sqrt() * x)
+    torch.testing.assert_close(common.guided_eps(v_pipe, x, t, emb, neg, 5.0), eps)
+    with pytest.raises(SystemExit) as e:  # any other parametrisation is refused, not silently treated as eps
+        common.ddim_step(common.ddim_scheduler(dict(config, prediction_type="sample")), v, 1, x, num_steps=10, eta=1.0, noise=z)
+    assert str(e.value).startswith("error: ") and "sample" in str(e.value)
+
+
+def test_loading_a_folder_full_unet_float32_and_prediction_types(tmp_path):
+    """A local model folder: with --lora-rank 0 under bf16 the trained UNet holds the saved float32 weights exactly
+    (not bf16-rounded) while the frozen VAE is bf16; a v-prediction model loads; an x0-prediction one is refused."""
+    import json
+
+    base = common._offline_pipeline("tiny")
+    base.save_pretrained(tmp_path / "eps")
+    pipe = common.load_pipeline(str(tmp_path / "eps"), mixed_precision="bf16", lora_rank=0)
+    assert pipe.vae.dtype == torch.bfloat16 and pipe.unet.dtype == torch.float32
+    saved = base.unet.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in pipe.unet.state_dict().items())
+    with_lora = common.load_pipeline(str(tmp_path / "eps"), mixed_precision="bf16", lora_rank=4)
+    assert with_lora.unet.conv_in.weight.dtype == torch.bfloat16  # frozen: cast to the mixed-precision dtype
+    config_file = tmp_path / "eps" / "scheduler" / "scheduler_config.json"
+    for kind in ("v_prediction", "sample"):
+        config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), prediction_type=kind)))
+        if kind == "v_prediction":
+            assert common.load_pipeline(str(tmp_path / "eps"), lora_rank=0).scheduler.config.prediction_type == kind
+        else:
+            with pytest.raises(SystemExit) as e:
+                common.load_pipeline(str(tmp_path / "eps"), lora_rank=0)
+            assert str(e.value).startswith("error: ") and "'sample'" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_log_prob_is_mean_gaussian_log_density(tiny):

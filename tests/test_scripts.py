@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ACCUMULATE, ROOT, TINY, error_line, lora_weights, run, scalars, training_state
+from helpers import ACCUMULATE, ROOT, TINY, error_line, lora_weights, run, run_main, scalars, training_state
 
 import common
 import rewards
@@ -52,6 +52,37 @@ def test_loop_canonical_call(tmp_path):
     run("loop", *TINY, "--k", 4, "--clip", "1e-4", "--num-epochs", 1, "--output-dir", tmp_path, "--run-name", "canon",
         "--gradient-accumulation-steps", 1)
     assert (tmp_path / "canon" / "checkpoints" / "epoch_0001").exists()
+
+
+# One epoch in process: 4 images x 4 steps, --timestep-fraction 0.5 (2 trained steps per trajectory), 2 minibatches
+# of 2 accumulated into one optimiser step per pass, --num-inner-epochs 2; the advantage options of each script.
+PASSES = [*TINY[:6], "--num-steps", 4, "--timestep-fraction", 0.5, "--sample-batch-size", 4, "--num-batches-per-epoch", 1,
+          "--train-batch-size", 2, "--gradient-accumulation-steps", 2, "--num-inner-epochs", 2, "--num-epochs", 1,
+          "--image-every", 0, "--save-every", 0, "--learning-rate", 1e-2]
+ADVANTAGE_OPTIONS = {"ppo": ["--adv-clip-max", 1], "loop": ["--k", 2, "--normalize-advantages"],
+                     "score_as_action": ["--adv-clip-max", 1]}
+
+
+@pytest.mark.parametrize("script", list(ADVANTAGE_OPTIONS))
+def test_inner_epochs_timestep_fraction_and_advantage_options(tmp_path, script):
+    """What the script computed, read from its globals: 2 passes x 2 minibatches x 2 of the 4 steps = 8 loss terms
+    and one optimiser step per pass; the first pass is on-policy (every ratio 1) and, for a trajectory-level
+    advantage, its mean loss is -mean(A) of the stored advantages; the second pass sees the updated policy
+    (clipfrac > 0). ppo.py and score_as_action.py store advantages clipped to --adv-clip-max (here 1, so that it
+    binds: 4 standardised values always have one |A| >= 1); loop.py with K = 2 and --normalize-advantages gives
+    |A| = 2 whatever the two rewards."""
+    g = run_main(script, *PASSES, "--output-dir", tmp_path, *ADVANTAGE_OPTIONS[script])
+    info, stored = g["info"], g["samples"]["advantages"]
+    assert len(info["policy_loss"]) == 8 and g["global_step"] == 2
+    assert torch.stack(info["clipfrac"][:4]).max() == 0 and torch.stack(info["clipfrac"][4:]).mean() > 0
+    if script != "score_as_action":  # per-step advantages: the first pass's mean is over its own random steps
+        torch.testing.assert_close(torch.stack(info["policy_loss"][:4]).mean(), -stored.mean(), rtol=0, atol=1e-6)
+    if script == "loop":
+        assert (stored.abs() - 2).abs().max() < 0.01, stored
+    else:
+        raw = g["advantages"]  # before the clip (ppo: per-prompt standardised; score_as_action: per timestep)
+        assert raw.abs().max() > 1 and stored.abs().max() <= 1
+        torch.testing.assert_close(stored, raw.clamp(-1, 1))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
