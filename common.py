@@ -718,18 +718,21 @@ class Logger:
                 self.wandb.finish()
 
 
-def image_grid(images: torch.Tensor, captions: Sequence[str] = (), ncols: int = 8, size: int = 128) -> Image.Image:
-    """Tile images (B, 3, H, W) in [0, 1] into a grid, each with a caption line under it."""
+def image_grid(images: torch.Tensor, captions: Sequence[str] = (), ncols: int = 8, size: int = 128, lines: int = 3) -> Image.Image:
+    """Tile images (B, 3, H, W) in [0, 1] into a grid, each with its caption under it (wrapped to `lines` lines)."""
+    import textwrap
+
     pils = [im.resize((size, size), Image.NEAREST if im.width < size else Image.BICUBIC) for im in to_uint8(images)]
+    wrapped = [textwrap.wrap(str(c), size // 6, max_lines=lines, placeholder="..") for c in captions]
     ncols = min(ncols, len(pils))
-    nrows, cap = math.ceil(len(pils) / ncols), 14 if captions else 0
+    nrows, cap = math.ceil(len(pils) / ncols), 12 * max(map(len, wrapped), default=0) + 2 * bool(captions)
     grid = Image.new("RGB", (ncols * size, nrows * (size + cap)), "white")
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(pils):
         x, y = (i % ncols) * size, (i // ncols) * (size + cap)
         grid.paste(im, (x, y))
-        if captions:
-            draw.text((x + 2, y + size + 1), str(captions[i])[: size // 6], fill="black")
+        for j, line in enumerate(wrapped[i] if captions else ()):
+            draw.text((x + 2, y + size + 1 + 12 * j), line, fill="black")
     return grid
 
 

@@ -192,7 +192,7 @@ if __name__ == "__main__":
                                                   **dict(sample_kw, num_steps=num_steps))
             means[num_steps] = rewards.mean().item()
             if num_steps == args.num_steps:  # the image grid is of the training step count
-                grid = common.image_grid(images, [f"{p[:14]} {r:.3f}" for p, r in zip(eval_prompts, rewards.tolist())])
+                grid = common.image_grid(images, [f"{r:.3f} {p}" for p, r in zip(eval_prompts, rewards.tolist())])
                 (run_dir / "images").mkdir(parents=True, exist_ok=True)
                 grid.save(run_dir / "images" / f"{tag}.png")
                 logger.image("images/eval", grid, step)
