@@ -963,6 +963,19 @@ class Run:
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
     current: list = dataclasses.field(default_factory=list)  # checkpoints written from the current weights
+    off_policy_warned: bool = False
+
+    def check_on_policy(self, ratio_dev, clip: float, epoch: int):
+        """Warn once per run, in one line on stderr, when `debug/ratio_dev_at_start` (mean |rho - 1| before the epoch's
+        first update, ~0 on-policy) exceeds clip / 10: sampling and training then evaluate measurably different policies
+        (the precision, a kernel that depends on the batch), and rounding alone starts to fill the clip range
+        (docs/performance.md has the measurements). Called once per epoch with the logged value (one host sync)."""
+        if self.off_policy_warned or not float(ratio_dev) > clip / 10:
+            return
+        self.off_policy_warned = True
+        print0(f"warning: epoch {epoch}: debug/ratio_dev_at_start {float(ratio_dev):.2e} exceeds clip/10 = {clip / 10:.2g}: "
+               f"sampling and training disagree before any update, so rounding fills part of the clip range (try "
+               f"--mixed-precision fp16 or no; docs/performance.md); warned once per run", enabled=self.enabled, file=sys.stderr)
 
     def step_ok(self, grad_norm, scaler, epoch: int) -> bool:
         """True if the optimiser step may be taken; False (skip it) if the gradient is not finite."""
