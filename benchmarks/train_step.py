@@ -3,8 +3,8 @@
 The phases are ppo.py's own code paths (common.sample with log-probs, common.decode_latents, the reward of
 common.make_reward with ppo.per_prompt_advantages, common.step_log_prob with ppo.policy_loss and its backward
 over the trained timesteps, then the optimiser step with ppo.py's settings), timed with a device sync at each
-phase boundary and none inside. One epoch here is one sampling call of --batch images and one training
-minibatch of all of them (train batch = --batch, with CFG the UNet sees 2 x --batch rows).
+phase boundary and none inside. One epoch here is one sampling call of --batch images (with CFG the UNet sees
+2 x --batch rows) and one optimiser step on all of them, in minibatches of --train-batch-size (default: all).
 
 Printed: seconds and peak memory per phase (the CUDA allocator's peak on GPU, the resident set's on CPU),
 images per second, the model FLOPs of the training step (counted by torch's FlopCounterMode on a meta-device
@@ -51,7 +51,9 @@ class Args:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """precision of the timed epoch, as ppo.py's flag (auto: bf16 on GPU, fp32 on CPU)"""
     batch: int = 8
-    """images sampled per epoch, all trained on in one minibatch (the UNet sees 2 x batch rows with CFG)"""
+    """images sampled per epoch, in one sampling call (the UNet sees 2 x batch rows with CFG)"""
+    train_batch_size: Optional[int] = None
+    """trajectories per training minibatch, gradients accumulated over batch / this (default: --batch, one minibatch)"""
     num_steps: int = 50
     """DDIM steps per trajectory"""
     timestep_fraction: float = 1.0
@@ -165,35 +167,42 @@ def sample(args, pipe, texts, neg_embeds, precision, epoch, device):
 
 
 def train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoch, device, hp, scaler=None):
-    """ppo.py's TRAINING block for one minibatch holding every trajectory: a random subset and order of timesteps per
-    trajectory, the log-prob of each stored transition under the current weights, PPO's loss and its backward
-    (without a `scaler`: the forward only, with gradients enabled as in training). Returns |rho - 1| (B, T_train) and
-    the step indices (B, T_train) it was measured at."""
-    b, num_train = len(advantages), max(1, int(args.num_steps * args.timestep_fraction))
+    """ppo.py's TRAINING block for one inner epoch: a random order of the trajectories cut into minibatches of
+    --train-batch-size, a random subset and order of timesteps per trajectory, the log-prob of each stored transition
+    under the current weights, PPO's loss and its backward, gradients accumulated over all minibatches (without a
+    `scaler`: the forward only, with gradients enabled as in training). Returns |rho - 1| and the step index of every
+    evaluated transition, both flat."""
+    b, tb, num_train = len(advantages), args.train_batch_size or args.batch, max(1, int(args.num_steps * args.timestep_fraction))
     pipe.unet.train()
     g = common.generator(device, args.seed, epoch, common.SHUFFLE)
-    steps = torch.argsort(torch.rand(b, args.num_steps, generator=g, device=device), dim=1)[:, :num_train]
-    rows = torch.arange(b, device=device)[:, None]
-    latents, next_latents, old = traj.latents[rows, steps], traj.latents[rows, steps + 1], traj.log_probs[rows, steps]
-    deviation = []
-    for j in range(num_train):
-        with common.autocast(device, precision):
-            log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], traj.timesteps[steps[:, j]], embeds,
-                                               neg_embeds, num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
-        if scaler is not None:
-            loss, _, _ = ppo.policy_loss(log_prob, old[:, j], advantages, hp.clip)
-            scaler.scale(loss / num_train).backward()
-        deviation.append((torch.exp(log_prob.detach() - old[:, j]) - 1).abs())
-    return torch.stack(deviation, dim=1), steps
+    perm = torch.randperm(b, generator=g, device=device)
+    step_perm = torch.argsort(torch.rand(b, args.num_steps, generator=g, device=device), dim=1)[:, :num_train]
+    deviation, at = [], []
+    for m in range(b // tb):
+        idx = perm[m * tb : (m + 1) * tb]
+        steps, rows = step_perm[idx], idx[:, None]  # (tb, T_train)
+        latents, next_latents, old = traj.latents[rows, steps], traj.latents[rows, steps + 1], traj.log_probs[rows, steps]
+        for j in range(num_train):
+            with common.autocast(device, precision):
+                log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], traj.timesteps[steps[:, j]],
+                                                   embeds[idx], neg_embeds, num_steps=args.num_steps,
+                                                   guidance=args.guidance, eta=args.eta)
+            if scaler is not None:
+                loss, _, _ = ppo.policy_loss(log_prob, old[:, j], advantages[idx], hp.clip)
+                scaler.scale(loss / (b // tb * num_train)).backward()
+            deviation.append((torch.exp(log_prob.detach() - old[:, j]) - 1).abs())
+            at.append(steps[:, j])
+    return torch.cat(deviation), torch.cat(at)
 
 
 def deviation_summary(deviation, steps, num_steps: int) -> dict:
     """mean |rho - 1|, and the denoising step (1 = the noisiest) whose mean deviation is the largest."""
-    per_step = torch.zeros(num_steps, dtype=torch.float64).index_add_(0, steps.flatten().cpu(), deviation.flatten().double().cpu())
-    count = torch.zeros(num_steps, dtype=torch.float64).index_add_(0, steps.flatten().cpu(), torch.ones(steps.numel(), dtype=torch.float64))
-    per_step = torch.where(count > 0, per_step / count.clamp(min=1), torch.nan)
+    deviation, steps = deviation.double().cpu(), steps.cpu()
+    total = torch.zeros(num_steps, dtype=torch.float64).index_add_(0, steps, deviation)
+    count = torch.zeros(num_steps, dtype=torch.float64).index_add_(0, steps, torch.ones_like(deviation))
+    per_step = torch.where(count > 0, total / count.clamp(min=1), torch.nan)
     worst = int(torch.nan_to_num(per_step, nan=-1.0).argmax())
-    return dict(mean=float(deviation.double().mean()), worst_step=worst + 1, worst=float(per_step[worst]))
+    return dict(mean=float(deviation.mean()), worst_step=worst + 1, worst=float(per_step[worst]))
 
 
 @contextlib.contextmanager
@@ -266,6 +275,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.batch < 1 or args.warmup < 0 or not 1 <= args.num_steps <= 1000 or not 0 < args.timestep_fraction <= 1:
         common.fail("--batch >= 1, --warmup >= 0, --num-steps in [1, 1000] and --timestep-fraction in (0, 1] are required")
+    if args.train_batch_size is not None and not (1 <= args.train_batch_size and args.batch % args.train_batch_size == 0):
+        common.fail(f"--train-batch-size {args.train_batch_size} must divide --batch {args.batch}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = common.resolve_precision(args.mixed_precision, device)
     hp = ppo.Args()  # ppo.py's defaults: clip, AdamW settings, gradient-norm clip, advantage statistics
@@ -339,7 +350,8 @@ if __name__ == "__main__":
     memory_kind = "CUDA allocator peak" if device.type == "cuda" else "peak resident set (RSS)"
     print(f"model={args.model} device={device} ({machine(device)}) threads={torch.get_num_threads()} "
           f"load_average={load_average[0]:.2f},{load_average[1]:.2f},{load_average[2]:.2f}")
-    print(f"precision={PRECISION_NAMES[precision]} batch={args.batch} (UNet rows {2 * args.batch if args.guidance != 1 else args.batch}) "
+    print(f"precision={PRECISION_NAMES[precision]} batch={args.batch} train_batch_size={args.train_batch_size or args.batch} "
+          f"(CFG: the UNet sees twice as many rows) "
           f"num_steps={args.num_steps} trained_steps={num_train} guidance={args.guidance} eta={args.eta} "
           f"lora_rank={args.lora_rank} gradient_checkpointing={args.gradient_checkpointing} compile={args.compile} "
           f"channels_last={args.channels_last} warmup={args.warmup}")
@@ -362,9 +374,9 @@ if __name__ == "__main__":
         print(f"host syncs reported by torch.cuda.set_sync_debug_mode in the first epoch: {counts}")
     print()
     print(f"on-policy deviation mean |rho - 1| before any update (clip {hp.clip:g}; the scripts warn above clip/10 = "
-          f"{hp.clip / 10:g}). In the timed run ({PRECISION_NAMES[precision]}, first epoch): {in_run['mean']:.3e}. Below, "
-          f"each precision from a freshly loaded model; 'rounding' re-evaluates the same transitions with the UNet in fp32, "
-          f"the size of the deviation that kernels differing between sampling and training could cause:")
+          f"{hp.clip / 10:g}); in the timed run ({PRECISION_NAMES[precision]}, first epoch): {in_run['mean']:.3e}.")
+    print("Each precision below from a freshly loaded model; 'rounding' re-evaluates the same transitions with the UNet in "
+          "fp32: an upper estimate of what kernels that differ between sampling and training (batch size, compile) could cause.")
     print("| precision | mean abs(rho - 1) | worst step (1 = noisiest) | its mean | rounding: mean | rounding: worst step, its mean |")
     print("|---|---|---|---|---|---|")
     for name in ("no", "bf16", "fp16"):
