@@ -202,6 +202,7 @@ def load_pipeline(
     gradient_checkpointing: bool = False,
     compile: bool = False,
     seed: int = 0,
+    channels_last: bool = False,
 ):
     """Load Stable Diffusion for RL fine-tuning and make its UNet trainable.
 
@@ -210,8 +211,10 @@ def load_pipeline(
     dtype. With `lora_rank > 0` the UNet is frozen too and peft LoRA adapters (zero-initialised B, so
     the model starts exactly at the pretrained one) are attached to `lora_targets`, kept in float32;
     with `lora_rank == 0` the whole UNet is trained in float32, loaded as float32 (not rounded through the
-    mixed-precision dtype first). Attention uses PyTorch's SDPA (diffusers' default processor). `compile` wraps
-    the UNet's forward in `torch.compile`. The model must predict eps or v (`PREDICTION_TYPES`).
+    mixed-precision dtype first). Attention uses PyTorch's SDPA (diffusers' default processor). `channels_last`
+    stores the UNet's 4-D weights in channels-last memory format (the same model; convolutions may round
+    differently, and run faster on some devices: docs/performance.md). `compile` wraps the UNet's forward in
+    `torch.compile`. The model must predict eps or v (`PREDICTION_TYPES`).
     """
     from diffusers import StableDiffusionPipeline
 
@@ -260,6 +263,8 @@ def load_pipeline(
         unet.requires_grad_(True).to(device, torch.float32)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     if compile:
         unet.compile()
     # The DDIM step indexes these with device tensors: keep them on the device (no per-step copies).

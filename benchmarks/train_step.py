@@ -69,7 +69,7 @@ class Args:
     compile: bool = False
     """torch.compile the UNet (the --warmup epochs absorb the compilation)"""
     channels_last: bool = False
-    """the UNet's weights in channels-last memory format (measured here; not a flag of the scripts)"""
+    """the UNet's weights in channels-last memory format (common.load_pipeline's switch; not yet a flag of the scripts)"""
     reward: str = "jpeg_compressibility"
     """the reward (ppo.py's default; it needs no weights)"""
     warmup: int = 1
@@ -144,11 +144,9 @@ def counting_syncs(device, counts: dict, name: str):
 
 
 def load(args, precision: str, device):
-    pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
-                                gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, seed=args.seed)
-    if args.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-    return pipe
+    return common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
+                                gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, seed=args.seed,
+                                channels_last=args.channels_last)
 
 
 def draw_prompts(args, prompts, epoch):
