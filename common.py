@@ -978,9 +978,10 @@ class Run:
         if self.off_policy_warned or not float(ratio_dev) > clip / 10:
             return
         self.off_policy_warned = True
-        print0(f"warning: epoch {epoch}: debug/ratio_dev_at_start {float(ratio_dev):.2e} exceeds clip/10 = {clip / 10:.2g}: "
-               f"sampling and training disagree before any update, so rounding fills part of the clip range (try "
-               f"--mixed-precision fp16 or no; docs/performance.md); warned once per run", enabled=self.enabled, file=sys.stderr)
+        print0(f"warning: epoch {epoch}: debug/ratio_dev_at_start {float(ratio_dev):.2e} exceeds clip/10 = "
+               f"{clip / 10:.2g}: sampling and training disagree before any update, so rounding fills part of the clip "
+               f"range (try --mixed-precision fp16 or no; docs/performance.md); warned once per run",
+               enabled=self.enabled, file=sys.stderr)
 
     def step_ok(self, grad_norm, scaler, epoch: int) -> bool:
         """True if the optimiser step may be taken; False (skip it) if the gradient is not finite."""

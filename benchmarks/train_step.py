@@ -9,13 +9,13 @@ phase boundary and none inside. One epoch here is one sampling call of --batch i
 Printed: seconds and peak memory per phase (the CUDA allocator's peak on GPU, the resident set's on CPU),
 images per second, the model FLOPs of the training step (counted by torch's FlopCounterMode on a meta-device
 copy of the UNet: no compute, and no recomputation from gradient checkpointing) and the fraction of the
-device's matmul peak they reach (measured in the same run with a large matmul in the training dtype: bf16 on
-a GPU by default, fp32 on CPU), and the on-policy deviation mean |rho - 1| before any update, with the
+device's matmul peak they reach (measured in the same run with a large matmul: in the training dtype on a GPU,
+bf16 by default; in fp32 on a CPU), and the on-policy deviation mean |rho - 1| before any update, with the
 sampler and the training forward in fp32, bf16 and fp16, against the clip range (ppo.py's 1e-4).
 
     python benchmarks/train_step.py --model tiny                                  # CPU, seconds (the suite runs it)
     python benchmarks/train_step.py --batch 8 --gradient-checkpointing            # SD 1.5's shapes, random weights, GPU
-    python benchmarks/train_step.py --batch 1 --num-steps 2 --timestep-fraction 0.5 --warmup 0 --ratio-precisions no
+    python benchmarks/train_step.py --batch 1 --num-steps 2 --timestep-fraction 0.5 --warmup 0 --ratio-precisions
                                                                                   # SD 1.5's shapes on a CPU, ~5 minutes
 """
 
@@ -323,8 +323,11 @@ if __name__ == "__main__":
     epoch_s = sum(seconds.values())
     train_flops = model_flops(pipe, 2 * args.batch if args.guidance != 1 else args.batch, True, device) * num_train
     sample_flops = model_flops(pipe, 2 * args.batch if args.guidance != 1 else args.batch, False, device) * args.num_steps
-    peak_dtype = common.DTYPES[precision]
-    peak = matmul_peak(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048))
+    # the peak in the training dtype on a GPU (fp32 matmuls run as TF32 there: speed_flags); always fp32 on a CPU, whose
+    # bf16 and fp16 matmuls may have no fast kernel at all
+    peak_precision = precision if device.type == "cuda" else "no"
+    peak = matmul_peak(device, common.DTYPES[peak_precision], args.matmul_size or (8192 if device.type == "cuda" else 2048))
+    peak_name = "tf32" if device.type == "cuda" and precision == "no" else PRECISION_NAMES[peak_precision]
     del pipe, optimizer, traj, images, dev
 
     for other in args.ratio_precisions:  # the on-policy check in each precision, from a freshly loaded model
@@ -366,10 +369,11 @@ if __name__ == "__main__":
     print(f"images/s: {args.batch / epoch_s:.4g}")
     print(f"sampling: {sample_flops / 1e12:.4g} TFLOP (model), {sample_flops / seconds['sampling'] / 1e12:.4g} TFLOP/s")
     print(f"training: {train_flops / 1e12:.4g} TFLOP (model, forward+backward), {train_rate / 1e12:.4g} TFLOP/s = "
-          f"{100 * train_rate / peak:.1f}% of the measured {PRECISION_NAMES[precision]} matmul peak {peak / 1e12:.4g} TFLOP/s")
+          f"{100 * train_rate / peak:.1f}% of the measured {peak_name} matmul peak {peak / 1e12:.4g} TFLOP/s")
     if device.type == "cuda":
         counts = ", ".join(f"{k} {v}" for k, v in syncs.items()) if syncs else "not checked (--warmup 0)"
-        print(f"host syncs reported by torch.cuda.set_sync_debug_mode in the first epoch: {counts}")
+        print(f"host syncs reported by torch.cuda.set_sync_debug_mode in the first epoch, whole phases with their set-up "
+              f"(one per step would be >= {args.num_steps}): {counts}")
     print()
     print(f"on-policy deviation mean |rho - 1| before any update (clip {hp.clip:g}; the scripts warn above clip/10 = "
           f"{hp.clip / 10:g}); in the timed run ({PRECISION_NAMES[precision]}, first epoch): {in_run['mean']:.3e}.")
