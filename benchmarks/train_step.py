@@ -73,7 +73,7 @@ class Args:
     reward: str = "jpeg_compressibility"
     """the reward (ppo.py's default; it needs no weights)"""
     warmup: int = 1
-    """untimed epochs before the timed one (compilation, allocator, cuDNN autotuning)"""
+    """untimed epochs before the timed one (compilation, the allocator, lazy initialisation)"""
     ratio_precisions: tuple[Literal["no", "bf16", "fp16"], ...] = ("no", "bf16", "fp16")
     """precisions in which to measure the on-policy deviation (each loads the model afresh; empty: none)"""
     matmul_size: Optional[int] = None
