@@ -202,6 +202,7 @@ def load_pipeline(
     gradient_checkpointing: bool = False,
     compile: bool = False,
     seed: int = 0,
+    channels_last: bool = False,
 ):
     """Load Stable Diffusion for RL fine-tuning and make its UNet trainable.
 
@@ -210,8 +211,10 @@ def load_pipeline(
     dtype. With `lora_rank > 0` the UNet is frozen too and peft LoRA adapters (zero-initialised B, so
     the model starts exactly at the pretrained one) are attached to `lora_targets`, kept in float32;
     with `lora_rank == 0` the whole UNet is trained in float32, loaded as float32 (not rounded through the
-    mixed-precision dtype first). Attention uses PyTorch's SDPA (diffusers' default processor). `compile` wraps
-    the UNet's forward in `torch.compile`. The model must predict eps or v (`PREDICTION_TYPES`).
+    mixed-precision dtype first). Attention uses PyTorch's SDPA (diffusers' default processor). `channels_last`
+    stores the UNet's 4-D weights in channels-last memory format (the same model; convolutions may round
+    differently, and run faster on some devices: docs/performance.md). `compile` wraps the UNet's forward in
+    `torch.compile`. The model must predict eps or v (`PREDICTION_TYPES`).
     """
     from diffusers import StableDiffusionPipeline
 
@@ -260,6 +263,8 @@ def load_pipeline(
         unet.requires_grad_(True).to(device, torch.float32)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     if compile:
         unet.compile()
     # The DDIM step indexes these with device tensors: keep them on the device (no per-step copies).
@@ -963,6 +968,20 @@ class Run:
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
     current: list = dataclasses.field(default_factory=list)  # checkpoints written from the current weights
+    off_policy_warned: bool = False
+
+    def check_on_policy(self, ratio_dev, clip: float, epoch: int):
+        """Warn once per run, in one line on stderr, when `debug/ratio_dev_at_start` (mean |rho - 1| before the epoch's
+        first update, ~0 on-policy) exceeds clip / 10: sampling and training then evaluate measurably different policies
+        (the precision, a kernel that depends on the batch), and rounding alone starts to fill the clip range
+        (docs/performance.md has the measurements). Called once per epoch with the logged value (one host sync)."""
+        if self.off_policy_warned or not float(ratio_dev) > clip / 10:
+            return
+        self.off_policy_warned = True
+        print0(f"warning: epoch {epoch}: debug/ratio_dev_at_start {float(ratio_dev):.2e} exceeds clip/10 = "
+               f"{clip / 10:.2g}: sampling and training disagree before any update, so rounding fills part of the clip "
+               f"range (try --mixed-precision fp16 or no; docs/performance.md); warned once per run",
+               enabled=self.enabled, file=sys.stderr)
 
     def step_ok(self, grad_norm, scaler, epoch: int) -> bool:
         """True if the optimiser step may be taken; False (skip it) if the gradient is not finite."""

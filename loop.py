@@ -167,7 +167,7 @@ if __name__ == "__main__":
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(pipe.unet)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
     start_epoch, global_step, reward_curve = 0, 0, []  # LOOP
@@ -286,6 +286,7 @@ if __name__ == "__main__":
         reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
+        run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)  # once per run, above clip/10
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):

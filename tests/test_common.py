@@ -198,6 +198,17 @@ def test_disabled_adapters_give_the_base_model_exactly(embeds):
         assert not torch.allclose(common.guided_noise(lora.unet, x, 501, emb, neg, 5.0), ref)  # re-enabled
 
 
+def test_channels_last_is_the_same_model_in_another_memory_layout(tiny, embeds):
+    _, emb, neg = embeds
+    fast = common.load_pipeline("tiny", lora_rank=4, seed=0, channels_last=True)
+    conv = fast.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = common.guided_noise(tiny.unet, x, 501, emb, neg, 5.0)
+        assert torch.allclose(common.guided_noise(fast.unet, x, 501, emb, neg, 5.0), ref, atol=1e-5, rtol=1e-4)
+
+
 def test_saved_lora_loads_in_diffusers_and_reproduces_outputs(tmp_path, embeds):
     _, emb, neg = embeds
     ours = common.load_pipeline("tiny", lora_rank=4, lora_alpha=8, seed=0)

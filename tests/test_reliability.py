@@ -225,6 +225,21 @@ def test_divergence_guard_skips_counts_and_stops(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_0003.diverged"]
 
 
+
+def test_the_on_policy_warning_comes_once_per_run_and_only_above_clip_over_10(tmp_path, capsys):
+    run_ = common.Run(tmp_path, {}, None)
+    run_.check_on_policy(torch.tensor(1e-5), 1e-4, 0)  # at clip/10: quiet
+    run_.check_on_policy(torch.tensor(float("nan")), 1e-4, 1)  # NaN is the divergence guard's business, not this one's
+    assert capsys.readouterr().err == ""
+    run_.check_on_policy(torch.tensor(3e-5), 1e-4, 2)
+    run_.check_on_policy(torch.tensor(5e-4), 1e-4, 3)  # once per run, however large later
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: epoch 2: debug/ratio_dev_at_start 3.00e-05 exceeds clip/10 = 1e-05")
+    quiet = common.Run(tmp_path, {}, None, enabled=False)  # the main process alone prints
+    quiet.check_on_policy(torch.tensor(1.0), 1e-4, 0)
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Resume
 # ----------------------------------------------------------------------------------------------------
