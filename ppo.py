@@ -49,7 +49,7 @@ class Args:
     device: Optional[str] = None
     """cuda or cpu (default: cuda if available; under torchrun one GPU per process)"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: bf16 on GPU)"""
+    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: fp16 on GPU, as the reference; docs/performance.md)"""
     gradient_checkpointing: bool = False
     """recompute UNet activations in the backward pass: less memory, ~30% slower"""
     compile: bool = False

@@ -33,7 +33,7 @@ class Args:
     eta: float = 1.0
     """DDIM eta"""
     mixed_precision: str = "auto"
-    """no, fp16, bf16, or auto (bf16 on GPU, no on CPU)"""
+    """no, fp16, bf16, or auto (fp16 on GPU, no on CPU: common.resolve_precision)"""
     repeats: int = 5
     """timed calls of each (after one warm-up call)"""
 
@@ -51,7 +51,7 @@ def timed(fn, device):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
+    precision = common.resolve_precision(args.mixed_precision, device)
     common.speed_flags(device)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=0)
     pipe.unet.requires_grad_(False)

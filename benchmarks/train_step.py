@@ -49,7 +49,7 @@ class Args:
     device: Optional[str] = None
     """cuda or cpu (default: cuda if available)"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """precision of the timed epoch, as ppo.py's flag (auto: bf16 on GPU, fp32 on CPU)"""
+    """precision of the timed epoch, as ppo.py's flag (auto: fp16 on GPU, fp32 on CPU)"""
     batch: int = 8
     """images sampled per epoch, in one sampling call (the UNet sees 2 x batch rows with CFG)"""
     train_batch_size: Optional[int] = None
