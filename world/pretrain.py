@@ -10,7 +10,7 @@ Then it writes a diffusers folder (model_index.json, unet/, vae/, text_encoder/,
 that `StableDiffusionPipeline.from_pretrained` and every script (`--model shapes` or `--model PATH`) load,
 and prints how often samples are right (`world.judge`) for single- and two-object prompts.
 
-    python -m world.pretrain                              # the committed model (about 30 min on 2 cores)
+    python -m world.pretrain                              # the committed model (docs/world.md: time measured)
     python -m world.pretrain --out /tmp/shapes --unet-steps 500 --vae-steps 300 --decoder-steps 100  # smoke test
 
 The data are deterministic from `--seed`; bit-identical weights also need the same CPU and thread count.
