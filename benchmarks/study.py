@@ -38,34 +38,42 @@ class Args:
     """seeds of every configuration"""
     methods: Optional[tuple[str, ...]] = None
     """run only these configurations (names as in the table), e.g. loop_k4 ppo_k1 (default: all)"""
-    images: int = 512
+    prompts: str = "shapes_demo"
+    """the prompt set: shapes_demo (one two-object prompt the pretrained model often gets wrong, evaluated on 32
+    fixed-noise samples of it) or shapes (60 training pairs, evaluated on the 30 held-out ones: docs/benchmarks.md
+    says why it is not the default)"""
+    images: int = 384
     """budget of generated training images per run"""
-    images_per_epoch: int = 32
-    """images sampled per epoch (one optimiser step per 16 images for the PPO family)"""
-    eval_every: int = 2
-    """epochs between evaluations (32 fixed held-out prompts and noise)"""
+    images_per_epoch: int = 16
+    """images sampled per epoch (a multiple of 16)"""
+    eval_every: int = 4
+    """epochs between evaluations (32 fixed prompts and noise)"""
     num_steps: int = 10
     """DDIM steps of sampling and training"""
     jobs: int = 2
     """runs at once; each gets 2 // jobs torch threads (at least 1)"""
     quick: bool = False
-    """smoke test: two configurations, one seed, 64 images, 5 DDIM steps"""
+    """smoke test: two configurations, one seed, 32 images, 5 DDIM steps"""
     target: float = 0.0
     """eval reward that counts as 'reached' in the table (0: the pretrained model's eval reward + 0.1)"""
 
 
-# One line per configuration: the script and the flags that make it that method. Learning rates were chosen by
-# a small sweep per method on this world (docs/benchmarks.md); everything else is each script's default.
-BATCH = ["--sample-batch-size", "16", "--train-batch-size", "8", "--gradient-accumulation-steps", "2"]
+# One line per configuration: the script and the flags that make it that method. Shared by all: 16 images an
+# epoch, guidance 5 (the pretrained model's; DPOK's and Score as Action's own defaults are 7.5 and 7), learning
+# rate 3e-3, and for the clipped methods minibatches of 8 with one optimiser step each and clip 1e-2 (the
+# learning tests' calibrated setting, docs/world.md: the 256-dimensional latent makes SD's 1e-4 far too tight).
+CLIPPED = ["--train-batch-size", "8", "--gradient-accumulation-steps", "1", "--clip", "1e-2"]
+DPOK = ["--buffer-size", "160", "--num-policy-steps", "2", "--train-batch-size", "16", "--gradient-accumulation-steps", "4",
+        "--num-value-batches", "1", "--num-value-steps", "20", "--value-learning-rate", "1e-3", "--clip", "1e-2"]
 CONFIGS = {
-    "reinforce_k4": ("reinforce", ["--k", "4", "--learning-rate", "1e-2", "--sample-batch-size", "16", "--train-batch-size", "8"]),
-    "ppo_k1": ("ppo", ["--k", "1", "--learning-rate", "1e-2", *BATCH]),
-    "ppo_k4": ("ppo", ["--k", "4", "--learning-rate", "1e-2", *BATCH]),
-    "loop_k2": ("loop", ["--k", "2", "--learning-rate", "1e-2", *BATCH]),
-    "loop_k4": ("loop", ["--k", "4", "--learning-rate", "1e-2", *BATCH]),
-    "loop_k8": ("loop", ["--k", "8", "--learning-rate", "1e-2", *BATCH]),
-    "dpok": ("dpok", ["--learning-rate", "1e-3", "--sample-batch-size", "16"]),
-    "score_as_action": ("score_as_action", ["--learning-rate", "1e-2", *BATCH, "--eval-num-steps", "5"]),
+    "reinforce_k4": ("reinforce", ["--k", "4", "--train-batch-size", "8"]),
+    "ppo_k1": ("ppo", ["--k", "1", *CLIPPED]),
+    "ppo_k4": ("ppo", ["--k", "4", *CLIPPED]),
+    "loop_k2": ("loop", ["--k", "2", *CLIPPED]),
+    "loop_k4": ("loop", ["--k", "4", *CLIPPED]),
+    "loop_k8": ("loop", ["--k", "8", *CLIPPED]),
+    "dpok": ("dpok", DPOK),
+    "score_as_action": ("score_as_action", CLIPPED),
 }
 QUICK = ("loop_k4", "ppo_k1")
 
@@ -84,10 +92,23 @@ class Run:
 
 
 def command(run: Run, args: Args) -> list:
-    return [sys.executable, str(ROOT / f"{run.script}.py"), "--model", "shapes", "--reward", "shapes", "--prompts", "shapes",
-            "--num-steps", str(args.num_steps), "--num-batches-per-epoch", str(args.images_per_epoch // 16 if not args.quick else 1),
-            *run.flags, "--num-epochs", str(run.epochs), "--image-every", str(args.eval_every), "--save-every", "0",
-            "--seed", str(run.seed), "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
+    return [sys.executable, str(ROOT / f"{run.script}.py"), "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
+            "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", "3e-3", "--sample-batch-size", "16",
+            "--num-batches-per-epoch", str(args.images_per_epoch // 16), *run.flags, "--num-epochs", str(run.epochs),
+            "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every", "0", "--seed", str(run.seed),
+            "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
+
+
+def unet_rows_per_epoch(run: Run, args: Args) -> int:
+    """UNet forward rows per epoch (a CFG call is 2 rows; backward passes not counted): sampling is
+    images x steps x 2 for every method; training re-evaluates every trajectory step once with CFG (2 rows), except
+    DPOK, which evaluates policy steps x accumulation x batch transitions, each also under the pretrained model for
+    its KL term (4 rows)."""
+    flag = lambda name: int(run.flags[run.flags.index(name) + 1])
+    sampling = run.images_per_epoch * args.num_steps * 2
+    if run.script == "dpok":
+        return sampling + flag("--num-policy-steps") * flag("--gradient-accumulation-steps") * flag("--train-batch-size") * 4
+    return sampling + run.images_per_epoch * args.num_steps * 2
 
 
 def finished(run: Run) -> bool:
@@ -135,7 +156,7 @@ def read_evals(run: Run, args: Args):
     return rows
 
 
-def plot(rows: list, out: Path):
+def plot(rows: list, out: Path, prompts: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,7 +177,7 @@ def plot(rows: list, out: Path):
     axes[0].set_xlabel("training images generated")
     axes[1].set_xlabel("wall-clock seconds (CPU)")
     for ax in axes:
-        ax.set_ylabel("eval reward (held-out prompts)")
+        ax.set_ylabel(f"eval reward ({prompts})")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -205,13 +226,15 @@ def table(rows: list, target: float) -> str:
 def main(args: Args):
     out = Path(args.out)
     if args.quick:
-        args.seeds, args.images, args.images_per_epoch, args.num_steps, args.eval_every = args.seeds[:1], 64, 16, 5, 2
+        args.seeds, args.images, args.images_per_epoch, args.num_steps, args.eval_every = args.seeds[:1], 32, 16, 5, 1
     names = args.methods or (QUICK if args.quick else tuple(CONFIGS))
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"error: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
-    if args.images % args.images_per_epoch or args.images_per_epoch % 16:
-        raise SystemExit("error: --images must be a multiple of --images-per-epoch, itself a multiple of 16")
+    if args.images % args.images_per_epoch or args.images_per_epoch % 16 or args.images < 1:
+        raise SystemExit("error: --images must be a positive multiple of --images-per-epoch, itself a multiple of 16")
+    if args.eval_every < 1 or args.jobs < 1 or args.num_steps < 1 or not args.seeds:
+        raise SystemExit("error: --eval-every, --jobs and --num-steps must be at least 1, and --seeds must name one")
     epochs = args.images // args.images_per_epoch
     runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], out / "runs" / f"{n}__{s}", epochs, args.images_per_epoch)
             for s, n in itertools.product(args.seeds, names)]
@@ -233,7 +256,7 @@ def main(args: Args):
         evals = read_evals(run, args)
         for j, (epoch, images, seconds, reward, kl) in enumerate(evals):
             rows.append(dict(method=run.name, k=next((int(f) for f, g in zip(run.flags[1:], run.flags) if g == "--k"), 1),
-                             seed=run.seed, epoch=epoch, images=images, unet_evals="", seconds=round(seconds, 2),
+                             seed=run.seed, epoch=epoch, images=images, unet_evals=epoch * unet_rows_per_epoch(run, args), seconds=round(seconds, 2),
                              eval_reward=round(reward, 5), kl_to_ref=kl, final=j == len(evals) - 1, budget=args.images,
                              run_seconds=round(run.seconds, 1)))
     with open(out / "evals.csv", "w", newline="") as f:
@@ -243,7 +266,7 @@ def main(args: Args):
     target = args.target or statistics.mean(r["eval_reward"] for r in rows if r["images"] == 0) + 0.1
     text = table(rows, target)
     (out / "table.md").write_text(text + "\n")
-    plot(rows, out)
+    plot(rows, out, args.prompts)
     print(text)
     print(f"wrote {out / 'evals.csv'}, {out / 'table.md'} and the figures in {out}")
 

@@ -39,3 +39,27 @@ def test_train_step_benchmark_prints_every_phase_and_the_on_policy_check():
     assert float(deviation["fp32"][0]) < 1e-5  # the on-policy check in float32
     for name in ("bf16", "fp16"):  # measured, or the reason it could not be, in one cell
         assert deviation[name][0].startswith("failed: ") or math.isfinite(float(deviation[name][0])), deviation[name]
+
+
+def test_study_quick_runs_every_step_and_resumes(tmp_path):
+    """`benchmarks/study.py --quick`: two configurations run as subprocesses of their scripts, a CSV row per
+    evaluation with images and UNet rows that grow as the runs train, the table and both figures; a rerun skips
+    the finished runs (resumable) and rewrites the same rows."""
+    import csv
+
+    cmd = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "evals.csv")))
+    assert {r["method"] for r in rows} == {"loop_k4", "ppo_k1"}
+    for method in ("loop_k4", "ppo_k1"):
+        mine = [r for r in rows if r["method"] == method]
+        assert [int(r["images"]) for r in mine] == [0, 16, 32] and [r["final"] for r in mine] == ["False", "False", "True"]
+        assert int(mine[0]["unet_evals"]) == 0 < int(mine[1]["unet_evals"]) < int(mine[2]["unet_evals"])
+        assert all(0 <= float(r["eval_reward"]) <= 1 for r in mine)
+        assert mine[0]["eval_reward"] == rows[0]["eval_reward"]  # the same pretrained model, prompts and noise
+    assert set(table((tmp_path / "table.md").read_text(), "method")) == {"loop_k4", "ppo_k1"}
+    assert (tmp_path / "reward_vs_images_and_time.png").stat().st_size > 0 and (tmp_path / "loop_reward_vs_k.png").exists()
+    again = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("skip ") == 2, again.stdout[-2000:]
+    assert list(csv.DictReader(open(tmp_path / "evals.csv"))) == rows
