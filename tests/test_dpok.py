@@ -295,27 +295,5 @@ def test_lora_rank_0_fails_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-# ----------------------------------------------------------------------------------------------------
-# Learning (calibrated over seeds in docs/dpok.md, "Measured"; with the advantage's sign flipped it fails)
-# ----------------------------------------------------------------------------------------------------
-
-# The toy task at a CPU-sized scale: 8 images (80 transitions) per epoch into a buffer of 80, one policy step of
-# 2 x 40 transitions per epoch, V_phi fitted with 20 steps at lr 1e-3 so that it is useful within 20 epochs, after
-# the policy step (--value-fit last, as calibrated: seeds 1-3 +0.024, +0.010, +0.013; the reference's order gave
-# +0.001, -0.007, +0.010 here, docs/dpok.md "Measured").
-LEARN = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", 10, "--learning-rate", 3e-2,
-         "--sample-batch-size", 8, "--num-batches-per-epoch", 1, "--buffer-size", 80, "--num-policy-steps", 1,
-         "--gradient-accumulation-steps", 2, "--train-batch-size", 40, "--value-learning-rate", 1e-3, "--num-value-steps", 20,
-         "--num-value-batches", 1, "--value-fit", "last", "--eval-num-steps", "--num-epochs", 20, "--image-every", 10,
-         "--save-every", 0]
-MARGIN = 0.005
-
-
-def test_reward_rises_on_the_toy_task(tmp_path):
-    """The eval reward (16 fixed prompts, fixed noise) averaged over the evaluations after epochs 10 and 20 exceeds
-    the one before training: the average smooths the wander of a single evaluation from one epoch to the next."""
-    run("dpok", *LEARN, "--seed", 1, "--output-dir", tmp_path, "--run-name", "learn")
-    evals = [v for _, v in scalars(tmp_path / "learn")["eval/reward_mean"]]
-    assert len(evals) == 3
-    before, after = evals[0], (evals[1] + evals[2]) / 2
-    assert after - before > MARGIN, f"eval reward {before:.4f} -> {after:.4f} ({evals})"
+# Learning: tests/test_learning.py (the pretrained shapes world, calibrated over seeds and thread counts). The toy
+# task's learning test that stood here failed deterministically on another CPU (issue 9).

@@ -18,8 +18,13 @@ TASK = ["--model", "shapes", "--reward", "shapes", "--prompts", "shapes_demo", "
         "--sample-batch-size", 16, "--num-batches-per-epoch", 1, "--learning-rate", 3e-3, "--num-epochs", EPOCHS,
         "--image-every", EPOCHS, "--eval-num-steps", "--save-every", 0]
 CLIPPED = ["--train-batch-size", 8, "--gradient-accumulation-steps", 1, "--clip", 1e-2]
-FLAGS = {"reinforce": ["--train-batch-size", 8], "ppo": CLIPPED, "loop": CLIPPED, "score_as_action": CLIPPED}
-MARGIN = {"reinforce": 0.05, "ppo": 0.05, "loop": 0.05, "score_as_action": 0.05}
+# DPOK: a 5-epoch buffer, so that V_phi (fitted first, on the buffer) cannot memorise this epoch's rewards, and
+# 2 policy steps of 64 transitions (docs/world.md).
+DPOK = ["--buffer-size", 800, "--num-value-steps", 5, "--num-policy-steps", 2, "--train-batch-size", 16,
+        "--gradient-accumulation-steps", 4, "--num-value-batches", 1, "--value-learning-rate", 1e-3, "--clip", 1e-2,
+        "--learning-rate", 1e-3]
+FLAGS = {"reinforce": ["--train-batch-size", 8], "ppo": CLIPPED, "loop": CLIPPED, "dpok": DPOK, "score_as_action": CLIPPED}
+MARGIN = {"reinforce": 0.05, "ppo": 0.05, "loop": 0.05, "dpok": 0.05, "score_as_action": 0.05}
 
 
 @pytest.mark.parametrize("script", sorted(FLAGS))

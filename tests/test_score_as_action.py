@@ -250,11 +250,6 @@ def learned(tmp_path_factory):
     return out / "learn"
 
 
-def test_reward_rises_on_the_toy_task(learned):
-    (_, before), (_, after) = scalars(learned)["eval/reward_mean_10steps"]
-    assert after - before > MARGIN, f"eval reward {before:.4f} -> {after:.4f}"
-
-
 @pytest.fixture(scope="module")
 def ppo_learned(tmp_path_factory):
     """ppo.py run exactly as the learning run (same flags, seed, sizes, guidance 7): the comparison's other arm."""
