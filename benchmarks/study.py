@@ -42,7 +42,7 @@ class Args:
     """the prompt set: shapes_demo (one two-object prompt the pretrained model often gets wrong, evaluated on 32
     fixed-noise samples of it) or shapes (60 training pairs, evaluated on the 30 held-out ones: docs/benchmarks.md
     says why it is not the default)"""
-    images: int = 384
+    images: int = 320
     """budget of generated training images per run"""
     images_per_epoch: int = 16
     """images sampled per epoch (a multiple of 16)"""
