@@ -16,9 +16,6 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OM
 TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "2", "--sample-batch-size", "4",
         "--num-batches-per-epoch", "1", "--train-batch-size", "2", "--image-every", "1", "--save-every", "1",
         "--eval-num-steps", "3"]
-# The calibrated CPU learning setting of the README (16 images and 2 optimiser steps per epoch).
-LEARN = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "10", "--sample-batch-size", "8",
-         "--num-batches-per-epoch", "2", "--train-batch-size", "8", "--learning-rate", "3e-2", "--save-every", "0"]
 ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"], "loop": ["--gradient-accumulation-steps", "1"]}
 
 
