@@ -102,6 +102,17 @@ def test_reward_refuses_prompts_without_objects():
         world.reward(torch.zeros(1, 3, 32, 32), ["a cat"])
 
 
+def test_pretraining_learning_rate_warms_up_holds_then_decays_to_a_tenth():
+    from world.pretrain import Args, unet_lr
+
+    args = Args(unet_steps=3000, unet_lr=2e-3, unet_decay=0.3)
+    lrs = [unet_lr(step, args) for step in range(args.unet_steps)]
+    assert lrs[0] == 2e-3 / 200 and lrs[199] == lrs[2099] == 2e-3  # warm-up, then constant until 70% of the steps
+    assert all(a >= b for a, b in zip(lrs[2100:], lrs[2101:])) and abs(lrs[-1] - 2e-4) < 1e-7  # cosine down to 10%
+    assert abs(lrs[2550] - 1.1e-3) < 1e-6  # halfway down the cosine: the mean of the two ends
+    assert {unet_lr(s, Args(unet_steps=3000, unet_decay=0.0)) for s in range(200, 3000)} == {Args().unet_lr}
+
+
 def test_pretraining_script_writes_a_diffusers_folder_every_script_loads(tmp_path):
     """A few steps of each stage of `python -m world.pretrain` (the real run takes ~30 minutes): the folder it
     writes loads in diffusers and through `--model PATH`, with the VAE's scaling factor fitted to its latents."""

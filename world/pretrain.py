@@ -41,9 +41,12 @@ class Args:
     """seed of the data, the weights' initialisation and the training order"""
     threads: int = 2
     """torch CPU threads"""
-    vae_steps: int = 1500
+    device: str = "cpu"
+    """where to train (`cuda` works; the committed model was trained on the CPU, and other devices give other
+    weights)"""
+    vae_steps: int = 600
     """stage 1: VAE steps (encoder and decoder)"""
-    decoder_steps: int = 1000
+    decoder_steps: int = 300
     """stage 2: decoder-only steps"""
     vae_batch: int = 64
     """VAE batch size"""
@@ -51,22 +54,24 @@ class Args:
     """VAE AdamW learning rate"""
     kl_weight: float = 1e-4
     """weight of the VAE's KL term (per latent element, against the per-pixel MSE)"""
-    unet_steps: int = 4000
+    unet_steps: int = 3000
     """stage 3: UNet steps"""
     unet_batch: int = 64
     """UNet batch size"""
-    unet_lr: float = 1e-3
-    """UNet AdamW learning rate (linear warm-up over 200 steps, then constant: a run stopped at step N is the run
-    with --unet-steps N)"""
-    ema: float = 0.999
+    unet_lr: float = 2e-3
+    """UNet AdamW learning rate (linear warm-up over 200 steps, constant, then the cosine decay below)"""
+    unet_decay: float = 0.3
+    """share of the UNet steps, at the end, over which the learning rate falls to 10% on a cosine (0: constant
+    after warm-up, so that a run stopped at step N is the run with --unet-steps N)"""
+    ema: float = 0.998
     """EMA decay of the UNet weights (the EMA weights are the ones saved)"""
-    num_latents: int = 40000
+    num_latents: int = 20000
     """images rendered and encoded once for the UNet stage"""
     p_two: float = 0.5
     """share of two-object images in the data"""
     caption_dropout: float = 0.1
     """share of empty captions (classifier-free guidance)"""
-    eval_every: int = 1000
+    eval_every: int = 0
     """judge samples of the EMA UNet every this many steps (0: only at the end)"""
     eval_images: int = 96
     """images per kind (single, two objects) in each judgement"""
@@ -84,9 +89,9 @@ def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def batch(rng: np.random.Generator, n: int, p_two: float):
+def batch(rng: np.random.Generator, n: int, p_two: float, device="cpu"):
     images, captions = world.render(rng, n, p_two)
-    return torch.from_numpy(images) * 2 - 1, captions  # VAE space [-1, 1]
+    return torch.from_numpy(images).to(device) * 2 - 1, captions  # VAE space [-1, 1]
 
 
 def train_vae(vae, args, rng):
@@ -101,7 +106,7 @@ def train_vae(vae, args, rng):
         progress = step / args.vae_steps if stage1 else (step - args.vae_steps) / max(args.decoder_steps, 1)
         for g in opt.param_groups:  # cosine from the peak to 10% within each stage
             g["lr"] = (args.vae_lr if stage1 else args.vae_lr / 2) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-        x, _ = batch(rng, args.vae_batch, args.p_two)
+        x, _ = batch(rng, args.vae_batch, args.p_two, args.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample() if stage1 else posterior.mode()
         recon = vae.decode(z).sample
@@ -118,12 +123,22 @@ def train_vae(vae, args, rng):
     vae.requires_grad_(False).eval()
 
 
+def unet_lr(step: int, args: Args) -> float:
+    """Linear warm-up over 200 steps, constant, then a cosine to 10% over the last `unet_decay` share of the steps."""
+    lr = args.unet_lr * min(1.0, (step + 1) / 200)
+    decay_start = args.unet_steps * (1 - args.unet_decay)
+    if step >= decay_start:
+        progress = (step - decay_start) / max(args.unet_steps - decay_start, 1)
+        lr *= 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
 @torch.no_grad()
 def encode_dataset(vae, args, rng):
     """Render and encode `num_latents` images once: latent means and stds (B, 4, 8, 8) and captions."""
     means, stds, captions = [], [], []
     for _ in range(math.ceil(args.num_latents / 500)):
-        x, caps = batch(rng, 500, args.p_two)
+        x, caps = batch(rng, 500, args.p_two, args.device)
         d = vae.encode(x).latent_dist
         means.append(d.mean)
         stds.append(d.std)
@@ -136,11 +151,13 @@ def judge_model(pipe, args, seed: int = 1234) -> dict:
     """Share of samples judged right, for fresh single- and two-object prompts drawn from the world."""
     rng = np.random.default_rng(seed)
     neg = common.encode_prompts(pipe, [""])
+    for name in ("alphas_cumprod", "final_alpha_cumprod"):  # the DDIM step indexes them on the device
+        setattr(pipe.scheduler, name, getattr(pipe.scheduler, name).to(args.device))
     out = {}
     for kind, n_obj in (("single", 1), ("two", 2)):
         prompts = [world.caption(world.random_objects(rng, n_obj)) for _ in range(args.eval_images)]
         embeds = common.encode_prompts(pipe, prompts)
-        g = torch.Generator().manual_seed(seed + n_obj)
+        g = torch.Generator(args.device).manual_seed(seed + n_obj)
         traj = common.sample(pipe, embeds, neg, num_steps=args.eval_steps, guidance=args.guidance, eta=1.0, generator=g)
         out[kind] = world.judge(traj.images, prompts).float().mean().item()
         out[kind + "_reward"] = world.reward(traj.images, prompts).mean().item()
@@ -153,6 +170,7 @@ def main(args: Args):
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     pipe = common._offline_pipeline(common.TINY, seed=0)  # its text encoder (frozen) and tokenizer are kept
+    pipe.text_encoder.to(args.device)
     t_start = time.time()
     history = {"args": vars(args)}
 
@@ -160,12 +178,12 @@ def main(args: Args):
     if args.resume_vae:
         from diffusers import AutoencoderKL
 
-        pipe.vae = AutoencoderKL.from_pretrained(args.resume_vae, subfolder="vae")
+        pipe.vae = AutoencoderKL.from_pretrained(args.resume_vae, subfolder="vae").to(args.device)
         pipe.vae.requires_grad_(False).eval()
     else:
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
-            pipe.vae = type(pipe.vae).from_config(pipe.vae.config)  # fresh init (no output amplification)
+            pipe.vae = type(pipe.vae).from_config(pipe.vae.config).to(args.device)  # fresh init
         train_vae(pipe.vae, args, rng)
         pipe.vae.save_pretrained(out / "vae", safe_serialization=True)
     t_vae = time.time() - t_start
@@ -179,11 +197,11 @@ def main(args: Args):
     # 3. UNet
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
-        unet = type(pipe.unet).from_config(pipe.unet.config)
+        unet = type(pipe.unet).from_config(pipe.unet.config).to(args.device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     pipe.unet = ema
     sched = common.ddim_scheduler()
-    alphas = sched.alphas_cumprod
+    alphas = sched.alphas_cumprod.to(args.device)
     with torch.no_grad():
         caption_embeds = {}
         for i in range(0, len(captions), 1000):  # each distinct caption once
@@ -191,19 +209,21 @@ def main(args: Args):
             if chunk:
                 caption_embeds.update(zip(chunk, common.encode_prompts(pipe, chunk)))
         empty = common.encode_prompts(pipe, [""])[0]
+    means, stds = means.cpu(), stds.cpu()  # the draws below stay on the CPU generator, whatever the device
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(args.seed)
     t0, losses = time.time(), []
     history["unet"], history["judged"] = [], []
     for step in range(args.unet_steps):
         for group in opt.param_groups:
-            group["lr"] = args.unet_lr * min(1.0, (step + 1) / 200)
+            group["lr"] = unet_lr(step, args)
         idx = torch.randint(len(captions), (args.unet_batch,), generator=g)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
         drop = torch.rand(args.unet_batch, generator=g) < args.caption_dropout
         cond = torch.stack([empty if d else caption_embeds[captions[i]] for i, d in zip(idx.tolist(), drop.tolist())])
         t = torch.randint(sched.config.num_train_timesteps, (args.unet_batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
+        z0, noise, t = z0.to(args.device), noise.to(args.device), t.to(args.device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
@@ -215,10 +235,11 @@ def main(args: Args):
             decay = min(args.ema, (1 + step) / (10 + step))
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no host sync per step
         if (step + 1) % 100 == 0:
-            log(f"unet {step + 1:5d}/{args.unet_steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)")
-            history["unet"].append({"step": step + 1, "loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0})
+            mean_loss = torch.stack(losses[-100:]).mean().item()
+            log(f"unet {step + 1:5d}/{args.unet_steps} loss {mean_loss:.4f} ({time.time() - t0:.0f} s)")
+            history["unet"].append({"step": step + 1, "loss": mean_loss, "seconds": time.time() - t0})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.unet_steps:
             scores = judge_model(pipe, args)
             history["judged"].append({"step": step + 1, **scores})
