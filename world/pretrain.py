@@ -46,7 +46,7 @@ class Args:
     weights)"""
     vae_steps: int = 600
     """stage 1: VAE steps (encoder and decoder)"""
-    decoder_steps: int = 300
+    decoder_steps: int = 700
     """stage 2: decoder-only steps"""
     vae_batch: int = 64
     """VAE batch size"""
