@@ -97,6 +97,21 @@ def test_reward_is_batched_and_on_the_images_device():
     assert common.make_reward("shapes", "cpu")(images, captions).device == images.device
 
 
+def test_the_committed_vae_keeps_what_the_reward_reads():
+    """Rendered images through the committed model's VAE (encode, decode) keep their reward: measured 0.996 for
+    single objects and 0.922 / 90.7% judged right for two (docs/world.md); the bounds catch a worse VAE."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(world.MODEL_DIR, subfolder="vae").eval()
+    images, captions = rendered(99, 400)
+    with torch.no_grad():
+        decoded = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
+    two = torch.tensor([" and " in c for c in captions])
+    r, right = world.reward(decoded, captions), world.judge(decoded, captions).float()
+    assert r[~two].mean() > 0.97 and right[~two].mean() > 0.97
+    assert r[two].mean() > 0.88 and right[two].mean() > 0.8
+
+
 def test_reward_refuses_prompts_without_objects():
     with pytest.raises(SystemExit, match="names none"):
         world.reward(torch.zeros(1, 3, 32, 32), ["a cat"])

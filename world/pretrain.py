@@ -2,7 +2,8 @@
 
 Three stages, each a plain supervised loop on images rendered on the fly by `world.render`:
   1. VAE (AutoencoderKL, the `tiny` config: 32x32x3 <-> 4x8x8): reconstruction (MSE) + a small KL;
-  2. the decoder alone, encoder frozen (sharper corners; the latents do not move);
+  2. the decoder alone, encoder frozen (sharper corners; the latents do not move, so stage 3 does not depend
+     on this stage);
   3. UNet2DConditionModel (the `tiny` config), epsilon-prediction on Stable Diffusion's 1000-step
      scaled-linear schedule, on pre-encoded latents, conditioned on the frozen random CLIP text encoder of
      the `tiny` model (hidden 32), with 10% empty captions for classifier-free guidance and an EMA.
@@ -10,8 +11,9 @@ Then it writes a diffusers folder (model_index.json, unet/, vae/, text_encoder/,
 that `StableDiffusionPipeline.from_pretrained` and every script (`--model shapes` or `--model PATH`) load,
 and prints how often samples are right (`world.judge`) for single- and two-object prompts.
 
-    python -m world.pretrain                              # the committed model (docs/world.md: time measured)
+    python -m world.pretrain                              # the committed model: about 29 minutes on 2 cores
     python -m world.pretrain --out /tmp/shapes --unet-steps 500 --vae-steps 300 --decoder-steps 100  # smoke test
+    python -m world.pretrain --device cuda --out /tmp/shapes  # a few minutes on a GPU (other weights)
 
 The data are deterministic from `--seed`; bit-identical weights also need the same CPU and thread count.
 """
