@@ -25,7 +25,8 @@ from helpers import OFFLINE, ROOT, scalars
 _spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
 study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
-CONFIG = {"reinforce": "reinforce_k4", "ppo": "ppo_k4", "loop": "loop_k4", "dpok": "dpok", "score_as_action": "score_as_action"}
+CONFIG = {"reinforce": "reinforce_k4", "ppo": "ppo_k4", "loop": "loop_k4", "dpok": "dpok",
+          "score_as_action": "score_as_action"}
 SEEDS, IMAGES = (1, 2), study.Args().images  # 320 images: 20 epochs of 16
 # Two methods are not sure to learn at the study's setting within 320 images (docs/world.md): REINFORCE takes one
 # optimiser step per epoch where the clipped methods take two, and DPOK's learning rate is 1e-3. The tests give

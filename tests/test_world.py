@@ -128,6 +128,21 @@ def test_pretraining_learning_rate_warms_up_holds_then_decays_to_a_tenth():
     assert {unet_lr(s, Args(unet_steps=3000, unet_decay=0.0)) for s in range(200, 3000)} == {Args().unet_lr}
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--unet-decay", "1.5"], "--unet-decay"), (["--ema", "1"], "--ema"), (["--unet-lr", "nan"], "--unet-lr"),
+    (["--vae-steps", "0"], "--vae-steps"), (["--device", "tpu0"], "--device"),
+    (["--resume-vae", "/nonexistent"], "--resume-vae")])
+def test_pretraining_refuses_bad_flags_in_one_line(flags, words):
+    import subprocess
+    import sys
+
+    from helpers import OFFLINE, ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "world.pretrain", "--out", "/nonexistent/out", *flags], cwd=ROOT,
+                          env=OFFLINE, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_pretraining_script_writes_a_diffusers_folder_every_script_loads(tmp_path):
     """A few steps of each stage of `python -m world.pretrain` (the real run takes ~30 minutes): the folder it
     writes loads in diffusers and through `--model PATH`, with the VAE's scaling factor fitted to its latents."""

@@ -87,6 +87,33 @@ class Args:
     """stop after stages 1-2 (the VAE is saved to OUT/vae either way)"""
 
 
+def check(args: Args):
+    """One-line errors for flags out of range, before anything loads or trains."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise SystemExit(f"world.pretrain: {msg}")
+    flag = lambda name: f"--{name.replace('_', '-')} {getattr(args, name)}"  # noqa: E731
+    for name in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "num_latents", "eval_images", "eval_steps",
+                 "threads"):
+        need(getattr(args, name) >= 1, f"{flag(name)}: must be at least 1")
+    for name in ("decoder_steps", "eval_every"):
+        need(getattr(args, name) >= 0, f"{flag(name)}: must be 0 or more")
+    for name in ("vae_lr", "unet_lr"):
+        need(0 < getattr(args, name) < math.inf, f"{flag(name)}: must be a positive number")
+    need(0 <= args.kl_weight < math.inf, f"--kl-weight must be 0 or a positive number (got {args.kl_weight})")
+    need(0 <= args.unet_decay <= 1, f"--unet-decay is a share of the UNet steps, in [0, 1] (got {args.unet_decay})")
+    need(0 <= args.ema < 1, f"--ema must be in [0, 1) (got {args.ema})")
+    need(0 <= args.p_two <= 1 and 0 <= args.caption_dropout < 1,
+         f"--p-two must be in [0, 1] and --caption-dropout in [0, 1) (got {args.p_two}, {args.caption_dropout})")
+    need(args.guidance >= 1, f"--guidance must be at least 1 (got {args.guidance})")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        need(False, f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    need(args.resume_vae is None or (Path(args.resume_vae) / "vae").is_dir(),
+         f"--resume-vae {args.resume_vae}: no vae/ folder there (give a folder this script wrote)")
+
+
 def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -167,6 +194,7 @@ def judge_model(pipe, args, seed: int = 1234) -> dict:
 
 
 def main(args: Args):
+    check(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
