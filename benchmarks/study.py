@@ -96,9 +96,11 @@ class Run:
 
 
 def command(run: Run, args: Args) -> list:
+    batch = min(16, run.images_per_epoch)  # sampling batches of 16 (fewer only for an epoch of fewer images)
     return [sys.executable, str(ROOT / f"{run.script}.py"), "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
-            "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", "3e-3", "--sample-batch-size", "16",
-            "--num-batches-per-epoch", str(args.images_per_epoch // 16), *run.flags, "--num-epochs", str(run.epochs),
+            "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", "3e-3",
+            "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(run.images_per_epoch // batch), *run.flags,
+            "--num-epochs", str(run.epochs),
             "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every", "0", "--seed", str(run.seed),
             "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
 
