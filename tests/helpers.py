@@ -19,6 +19,21 @@ TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-st
 ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"], "loop": ["--gradient-accumulation-steps", "1"]}
 
 
+# How far apart two float32 evaluations of the same network may be when only their summation order or batch shapes
+# differ (another CPU's kernels, a batch split across processes or calls), relative to the result's norm. Each of
+# L <~ 30 sequential layers (forward and backward) sums m <~ 1000 products with a rounding error of about sqrt(m) u,
+# u = 2^-24 ~ 6e-8 the float32 unit roundoff, so the result is within ~L sqrt(m) u ~ 6e-5 of its norm; 1e-4 sits
+# above that and about 100 times above what the suite measures (1e-6). It bounds the norm, not each element: an
+# element near zero may differ by all of itself, which is why equality tests compare norms (issue 25).
+NETWORK_RTOL = 1e-4
+
+
+def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, rtol: float = NETWORK_RTOL):
+    """|actual - expected| <= rtol |expected| in the 2-norm over all elements."""
+    error, scale = (actual - expected).norm().item(), expected.norm().item()
+    assert error <= rtol * scale, f"normwise relative difference {error / scale:.3g} > {rtol:.3g} (norm {scale:.3g})"
+
+
 def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     # --standalone: torchrun picks a free port (a fixed one collides with any other run on the machine)
     prefix = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [PYTHON]

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import perturb_lora
+from helpers import NETWORK_RTOL, assert_close_normwise
 
 import common
 
@@ -143,8 +144,9 @@ def test_sampling_is_reproducible_and_split_invariant(tiny, embeds):
     whole = common.sample(tiny, emb, neg, generator=common.sample_generators(7, 2, range(3), "cpu"), **kw)
     first = common.sample(tiny, emb[:1], neg, generator=common.sample_generators(7, 2, [0], "cpu"), **kw)
     rest = common.sample(tiny, emb[1:], neg, generator=common.sample_generators(7, 2, [1, 2], "cpu"), **kw)
-    # equal up to float32 kernel differences between batch sizes
-    torch.testing.assert_close(torch.cat([first.latents, rest.latents]), whole.latents, rtol=1e-4, atol=1e-4)
+    # equal up to float32 kernel differences between batch sizes: each of the 3 steps evaluates the UNet to
+    # NETWORK_RTOL (tests/helpers.py) and the DDIM update's coefficients are at most 1, so the errors add up
+    assert_close_normwise(torch.cat([first.latents, rest.latents]), whole.latents, rtol=3 * NETWORK_RTOL)
     again = common.sample(tiny, emb, neg, generator=common.sample_generators(7, 2, range(3), "cpu"), **kw)
     assert torch.equal(again.latents, whole.latents) and torch.equal(again.images, whole.images)
     other = common.sample(tiny, emb, neg, generator=common.sample_generators(7, 3, range(3), "cpu"), **kw)

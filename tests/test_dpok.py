@@ -257,6 +257,7 @@ def _equal(a, b) -> bool:
 
 
 def test_resume_is_bit_identical(runs):
+    """Exact on any CPU: the same operations in the same order, shapes and thread count on one machine."""
     whole, split = runs / "whole" / "checkpoints" / "epoch_0002", runs / "split" / "checkpoints" / "epoch_0002"
     assert _equal(lora_weights(whole), lora_weights(split))
     sa, sb = training_state(whole), training_state(split)

@@ -287,7 +287,8 @@ def test_step_count_robustness_compared_with_ppo(learned, ppo_learned):
 
 def test_resume_is_bit_identical(learned, tmp_path):
     """Epoch 12 of the learning run against the same run resumed from its epoch-11 checkpoint: every tensor of
-    the final checkpoint is equal (LoRA, the policy's AdamW, V_phi and its AdamW) and so is the reward curve."""
+    the final checkpoint is equal (LoRA, the policy's AdamW, V_phi and its AdamW) and so is the reward curve. Exact on
+    any CPU: the same operations in the same order, shapes and thread count on one machine."""
     run(*LEARN, "--num-epochs", EPOCHS, "--image-every", 0, "--seed", 1, "--output-dir", tmp_path,
         "--run-name", "resumed", "--resume", learned / "checkpoints" / f"epoch_{EPOCHS - 1:04d}")
     a = checkpoint_tensors(learned / "checkpoints" / f"epoch_{EPOCHS:04d}")

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from helpers import ACCUMULATE, ROOT, TINY, error_line, lora_weights, run, run_main, scalars, training_state
+from helpers import (ACCUMULATE, NETWORK_RTOL, ROOT, TINY, assert_close_normwise, error_line, lora_weights, run, run_main,
+                     scalars, training_state)
 
 import common
 import rewards
@@ -87,6 +88,8 @@ def test_inner_epochs_timestep_fraction_and_advantage_options(tmp_path, script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_is_bit_identical(two_epochs, tmp_path, script):
+    """Exact, and on any CPU: the resumed run repeats the uninterrupted one's operations in the same order, shapes
+    and thread count on the same machine (only the weights and optimiser state pass through a file, losslessly)."""
     args = [*TINY, *ACCUMULATE[script], "--output-dir", tmp_path, "--run-name", "split"]
     run(script, *args, "--num-epochs", 1)
     run(script, *args, "--num-epochs", 2, "--resume", tmp_path / "split")
@@ -102,16 +105,31 @@ def test_resume_is_bit_identical(two_epochs, tmp_path, script):
 @pytest.mark.parametrize("script", ["ppo", "loop"])
 def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path, script):
     """One update: 2 processes x 2 images equals 1 process x 4 images (same prompts, noise and advantages;
-    gradients averaged across processes). For LOOP (K = 2) each process holds one whole group."""
+    gradients averaged across processes). For LOOP (K = 2) each process holds one whole group.
+
+    What the claim is about is the averaged gradient, so that is what is compared: after one AdamW step from zero
+    moments, exp_avg = (1 - beta1) g exactly, g the clipped, averaged gradient. The two runs sum the same terms in
+    another order and batch shape, so g agrees to NETWORK_RTOL in norm (tests/helpers.py says why). The weights
+    after the Adam step are not compared: Adam divides each element by its own magnitude, so a near-zero gradient
+    element's last-bit difference becomes a visible step (an Intel AVX-512 CPU failed such a comparison)."""
     common_args = [*TINY, "--k", 2, "--num-epochs", 1, "--gradient-accumulation-steps", 1, "--output-dir", tmp_path,
                    "--image-every", 0]
     run(script, *common_args, "--sample-batch-size", 2, "--train-batch-size", 2, "--run-name", "two", torchrun=2)
     run(script, *common_args, "--sample-batch-size", 4, "--train-batch-size", 4, "--run-name", "one")
-    two, one = (tmp_path / name / "checkpoints" / "epoch_0001" for name in ("two", "one"))
-    assert training_state(two)["reward_curve"] == pytest.approx(training_state(one)["reward_curve"], abs=1e-6)
-    a, b = lora_weights(two), lora_weights(one)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    two, one = (training_state(tmp_path / name / "checkpoints" / "epoch_0001") for name in ("two", "one"))
+    # the mean reward of the same 4 images, sampled in batches of 2 and of 4: a smooth function of the network's output
+    assert two["reward_curve"] == pytest.approx(one["reward_curve"], rel=NETWORK_RTOL)
+    assert two["global_step"] == one["global_step"] == 1
+
+    def gradient(state):
+        beta1 = state["optimizer"]["param_groups"][0]["betas"][0]
+        moments = [s["exp_avg"].flatten() for _, s in sorted(state["optimizer"]["state"].items())]
+        return torch.cat(moments) / (1 - beta1)
+
+    g_two, g_one = gradient(two), gradient(one)
+    assert g_one.numel() == sum(v.numel() for v in lora_weights(tmp_path / "one" / "checkpoints" / "epoch_0001").values())
+    assert g_one.norm() > 0
+    assert_close_normwise(g_two, g_one)
 
 
 BAD_INPUT = [
