@@ -68,25 +68,71 @@ def test_reward_is_near_one_on_ground_truth_and_low_when_colours_swap():
     assert r[~two].mean() > 0.97 and r[two].mean() > 0.97
     assert world.judge(images, captions).float().mean() > 0.98
     r_swap = world.reward(images[two], [swapped(c) for c in np.array(captions)[two.numpy()]])
-    assert r_swap.mean() < 0.35 and r_swap.max() < 0.6
+    assert r_swap.mean() < 0.1 and r_swap.max() < 0.2  # each object only the colour credit: 0.25^2 = 0.0625
     assert not world.judge(images[two], [swapped(c) for c in np.array(captions)[two.numpy()]]).any()
 
 
-def test_reward_gives_partial_credit_and_penalises_extra_objects():
-    def one(*scene):
-        return torch.from_numpy(world.draw([list(scene)]))
+def one(*scene):
+    """One rendered image of (Obj, cx, cy, side) objects: (1, 3, 32, 32)."""
+    return torch.from_numpy(world.draw([list(scene)]))
 
-    blue_square, yellow_triangle = Obj("blue", "square"), Obj("yellow", "triangle")
-    prompt = ["a blue square and a yellow triangle"]
-    both = world.reward(one((blue_square, 9, 9, 12), (yellow_triangle, 23, 22, 12)), prompt).item()
-    only_square = world.reward(one((blue_square, 9, 9, 12)), prompt).item()
-    wrong_shape = world.reward(one((blue_square, 9, 9, 12), (Obj("yellow", "circle"), 23, 22, 12)), prompt).item()
-    extra = world.reward(one((blue_square, 8, 8, 10), (yellow_triangle, 23, 22, 10), (Obj("red", "circle"), 8, 24, 10)), prompt).item()
-    nothing = world.reward(torch.full((1, 3, 32, 32), 0.5), prompt).item()
+
+BLUE_SQUARE, YELLOW_TRIANGLE = Obj("blue", "square"), Obj("yellow", "triangle")
+PROMPT = ["a blue square and a yellow triangle"]
+
+
+def test_reward_is_the_product_of_the_objects_credits_and_penalises_extra_objects():
+    """T2I-CompBench's product: every named object must be there, in its colour, for any reward."""
+    both = world.reward(one((BLUE_SQUARE, 9, 9, 12), (YELLOW_TRIANGLE, 23, 22, 12)), PROMPT).item()
+    only_square = world.reward(one((BLUE_SQUARE, 9, 9, 12)), PROMPT).item()
+    wrong_shape = world.reward(one((BLUE_SQUARE, 9, 9, 12), (Obj("yellow", "circle"), 23, 22, 12)), PROMPT).item()
+    one_colour = world.reward(one((BLUE_SQUARE, 9, 9, 12), (Obj("blue", "triangle"), 23, 22, 12)), PROMPT).item()
+    swap = world.reward(one((Obj("blue", "triangle"), 9, 9, 12), (Obj("yellow", "square"), 23, 22, 12)), PROMPT).item()
+    extra = world.reward(one((BLUE_SQUARE, 8, 8, 10), (YELLOW_TRIANGLE, 23, 22, 10), (Obj("red", "circle"), 8, 24, 10)), PROMPT).item()
+    nothing = world.reward(torch.full((1, 3, 32, 32), 0.5), PROMPT).item()
     assert both > 0.95 and nothing == 0.0
-    assert only_square == pytest.approx(both / 2, abs=0.02)  # one of two objects: half the credit
-    assert 0.5 < wrong_shape < 0.7  # right colours, one wrong shape: that object earns the colour credit only
+    assert only_square == 0.0 and one_colour == 0.0  # a named colour missing: nothing, however right the rest
+    assert wrong_shape == pytest.approx(world.COLOR_CREDIT * both, abs=0.02)  # that object's colour credit only
+    assert swap == pytest.approx(world.COLOR_CREDIT**2, abs=0.02) and swap < both / 10
     assert extra == pytest.approx(both / (1 + world.EXTRA_PENALTY), abs=0.02)
+    judged = world.judge(torch.cat([one((BLUE_SQUARE, 9, 9, 12), (YELLOW_TRIANGLE, 23, 22, 12)),
+                                    one((BLUE_SQUARE, 9, 9, 12), (Obj("blue", "triangle"), 23, 22, 12))]), PROMPT * 2)
+    assert judged.tolist() == [True, False]
+
+
+def test_a_bar_is_no_square_circle_or_triangle():
+    """Every named shape is equal-sided: a 4 x 20 bar of the right colour is 'none', for the reward and the judge,
+    while the same colour as a 12 px square is a confident square."""
+    def bar(image, y0, x0, h, w, color):
+        image[0, :, y0 : y0 + h, x0 : x0 + w] = torch.tensor(world.COLORS[color]).view(3, 1, 1)
+        return image
+
+    prompt = ["a blue square"]
+    square = bar(torch.full((1, 3, 32, 32), 0.5), 10, 10, 12, 12, "blue")
+    flat = bar(torch.full((1, 3, 32, 32), 0.5), 14, 6, 4, 20, "blue")
+    tall = bar(torch.full((1, 3, 32, 32), 0.5), 6, 14, 20, 4, "blue")
+    assert world.reward(square, prompt).item() > 0.95 and world.judge(square, prompt).item()
+    for image in (flat, tall):
+        (region,) = world.regions(image[0])
+        assert max(region.shape_probs, key=region.shape_probs.get) == "none"
+        assert world.reward(image, prompt).item() < world.COLOR_CREDIT + 0.05 and not world.judge(image, prompt).item()
+        for prompt_shape in world.SHAPES:
+            assert region.shape_probs[prompt_shape] < 0.05
+
+
+def test_an_off_palette_object_counts_as_an_extra_object():
+    """A region of non-background pixels far from every palette colour (an orange blob) is an extra object, while
+    the anti-aliased edges of palette objects (mixes of a colour with the grey background) are not."""
+    clean = one((BLUE_SQUARE, 9, 9, 12), (YELLOW_TRIANGLE, 23, 22, 12))
+    blob = clean.clone()
+    blob[0, :, 22:28, 3:9] = torch.tensor([1.0, 0.5, 0.0]).view(3, 1, 1)  # orange, 36 px
+    assert [r.color for r in world.regions(clean[0])].count(world.OTHER) == 0
+    assert [r.color for r in world.regions(blob[0])].count(world.OTHER) == 1
+    both = world.reward(clean, PROMPT).item()
+    assert world.reward(blob, PROMPT).item() == pytest.approx(both / (1 + world.EXTRA_PENALTY), abs=1e-6)
+    assert world.judge(clean, PROMPT).item() and not world.judge(blob, PROMPT).item()
+    images, captions = rendered(5, 200)  # no rendered image has an off-palette region: edges are blends
+    assert not any(r.color == world.OTHER for found in world.analyse(images) for r in found)
 
 
 def test_reward_is_batched_and_on_the_images_device():
@@ -99,7 +145,8 @@ def test_reward_is_batched_and_on_the_images_device():
 
 def test_the_committed_vae_keeps_what_the_reward_reads():
     """Rendered images through the committed model's VAE (encode, decode) keep their reward: measured 0.996 for
-    single objects and 0.922 / 90.7% judged right for two (docs/world.md); the bounds catch a worse VAE."""
+    single objects and 0.849 / 90.7% judged right for two (docs/world.md); the bounds catch a worse VAE (the
+    300-step decoder: 77% judged right)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(world.MODEL_DIR, subfolder="vae").eval()
@@ -109,7 +156,8 @@ def test_the_committed_vae_keeps_what_the_reward_reads():
     two = torch.tensor([" and " in c for c in captions])
     r, right = world.reward(decoded, captions), world.judge(decoded, captions).float()
     assert r[~two].mean() > 0.97 and right[~two].mean() > 0.97
-    assert r[two].mean() > 0.88 and right[two].mean() > 0.8
+    assert r[two].mean() > 0.78 and right[two].mean() > 0.84
+    assert not any(r.color == world.OTHER for found in world.analyse(decoded) for r in found)
 
 
 def test_reward_refuses_prompts_without_objects():

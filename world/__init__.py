@@ -148,6 +148,9 @@ TEMPERATURE = 0.03  # softness of the shape decision on intersection-over-union 
 NONE_IOU = 0.6  # a region that matches no template better than this is "no shape"
 MIN_AREA = 8  # regions smaller than this many pixels (at 32x32) are specks, not objects
 COLOR_RADIUS = 0.3  # a pixel belongs to a colour if it is within this RGB distance of it
+BLEND_RADIUS = 0.15  # a pixel this close to a mix of the background and one palette colour is an object's edge
+ASPECT_MIN = 0.75  # every named shape has a square bounding box: a flatter box scales its IoU by aspect / ASPECT_MIN
+OTHER = "other"  # the colour of a region of non-background pixels that matches no palette colour
 
 
 def parse(prompt: str) -> list:
@@ -191,15 +194,26 @@ def regions(image: torch.Tensor) -> list:
 
 
 def analyse(images: torch.Tensor) -> list:
-    """Regions of a batch (B, 3, H, W) in [0, 1] (see `regions`). One call per reward batch, on the CPU."""
+    """Regions of a batch (B, 3, H, W) in [0, 1] (see `regions`). One call per reward batch, on the CPU.
+
+    Besides the palette colours' regions, the connected regions of off-palette pixels (far from every palette colour,
+    from the background and from every mix of the background with one palette colour, which is what an object's
+    anti-aliased or blurred edge is) of at least MIN_AREA pixels are objects too, of colour OTHER: an extra object
+    that no prompt names."""
     x = images.detach().float().cpu()
     b, _, h, w = x.shape
     palette = torch.tensor(list(COLORS.values()) + [BACKGROUND], dtype=torch.float32)  # (7, 3)
-    dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(b, h * w, 3), palette.expand(b, -1, -1))  # (B, HW, 7)
+    pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, 3)
+    dist = torch.cdist(pixels, palette.expand(b, -1, -1))  # (B, HW, 7)
     best, label = dist.min(dim=2)
-    label = torch.where(best < COLOR_RADIUS, label, -1).view(b, h, w)
-    names = list(COLORS)
-    masks = torch.stack([label == i for i in range(len(names))], dim=1)  # (B, 6, H, W)
+    # distance to the segments background -> colour: t the projection, clamped to the segment
+    grey, spokes = palette[-1], palette[:-1] - palette[-1]  # (3,), (6, 3)
+    t = ((pixels - grey) @ spokes.T / (spokes**2).sum(1)).clamp(0, 1)  # (B, HW, 6)
+    blend = (pixels[:, :, None] - grey - t[..., None] * spokes).norm(dim=-1).min(dim=2).values  # (B, HW)
+    label = torch.where(best < COLOR_RADIUS, label, torch.where(blend < BLEND_RADIUS, -1, len(palette)))
+    label = label.view(b, h, w)  # 0-5 palette colours, 6 background, 7 off-palette, -1 an edge
+    names = [*COLORS, OTHER]
+    masks = torch.stack([label == i for i in (*range(len(COLORS)), len(palette))], dim=1)  # (B, 7, H, W)
     comps = _components(masks.view(-1, h, w)).view(b, len(names), h, w)
     min_area = max(1, round(MIN_AREA * h * w / SIZE**2))
     out = []
@@ -210,19 +224,24 @@ def analyse(images: torch.Tensor) -> list:
             for k, area in zip(ids.tolist(), counts.tolist()):
                 if k == 0 or area < min_area:
                     continue
-                found.append(Region(name, area, _shape_probs(comps[i, c] == k)))
+                found.append(Region(name, area, {} if name == OTHER else _shape_probs(comps[i, c] == k)))
         out.append(found)
     return out
 
 
 def _shape_probs(mask: torch.Tensor) -> dict:
     """softmax over {circle, square, triangle, none} of IoU(region, ideal shape in its bounding box) / T,
-    with 'none' at a fixed IoU of NONE_IOU: a clean shape wins clearly, a blob spreads its mass."""
+    with 'none' at a fixed IoU of NONE_IOU: a clean shape wins clearly, a blob spreads its mass.
+
+    The templates stretch to the box, which keeps a blurred edge's one-pixel error cheap, but every named shape is
+    equal-sided: a box flatter than ASPECT_MIN (short side / long side) scales each IoU by aspect / ASPECT_MIN, so a
+    bar is 'none', not a confident square."""
     rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
     y0, y1, x0, x1 = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
     box = mask[y0:y1, x0:x1]
     tpl = _templates(y0, x0, y1 - y0, x1 - x0)
     iou = (tpl & box).sum(dim=(1, 2)).float() / (tpl | box).sum(dim=(1, 2)).float()
+    iou = iou * min(1.0, min(y1 - y0, x1 - x0) / max(y1 - y0, x1 - x0) / ASPECT_MIN)
     logits = torch.cat([iou, torch.tensor([NONE_IOU])]) / TEMPERATURE
     probs = torch.softmax(logits, dim=0).tolist()
     return dict(zip(SHAPES + ("none",), probs))
@@ -232,8 +251,10 @@ def score(found: Sequence[Region], objs: Sequence[Obj]) -> tuple:
     """(reward in [0, 1], correct as bool) of one image's regions against the objects its prompt names.
 
     Each named object earns max over the regions of its colour of COLOR_CREDIT + (1 - COLOR_CREDIT) *
-    P(region has the named shape), and 0 if its colour is absent; the reward is the mean over the named
-    objects, divided by (1 + EXTRA_PENALTY * extras) for regions beyond the number of named objects.
+    P(region has the named shape), and 0 if its colour is absent; the reward is the PRODUCT over the named objects,
+    as T2I-CompBench combines its per-phrase scores (`reward_final *= reward[:, i]`), divided by
+    (1 + EXTRA_PENALTY * extras) for regions (off-palette ones included) beyond the number of named objects. A
+    missing object, or one colour drawn twice where two are named, scores 0; swapped colours COLOR_CREDIT^2.
     `correct` is the strict judgement: exactly the named objects, each the most probable shape.
     """
     per_obj, correct = [], len(found) == len(objs)
@@ -242,7 +263,7 @@ def score(found: Sequence[Region], objs: Sequence[Obj]) -> tuple:
         per_obj.append(max((COLOR_CREDIT + (1 - COLOR_CREDIT) * r.shape_probs[obj.shape] for r in mine), default=0.0))
         correct &= any(max(r.shape_probs, key=r.shape_probs.get) == obj.shape for r in mine)
     extras = max(0, len(found) - len(objs))
-    return sum(per_obj) / len(objs) / (1 + EXTRA_PENALTY * extras), bool(correct)
+    return math.prod(per_obj) / (1 + EXTRA_PENALTY * extras), bool(correct)
 
 
 def parse_all(prompts: Sequence[str]) -> list:
