@@ -63,3 +63,31 @@ def test_study_quick_runs_every_step_and_resumes(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("skip ") == 2, again.stdout[-2000:]
     assert list(csv.DictReader(open(tmp_path / "evals.csv"))) == rows
+
+
+def test_demo_seeds_runs_the_readme_command_and_judges_before_and_after(tmp_path):
+    """`benchmarks/demo_seeds.py` reads the README's main job, runs it (here shortened to one small epoch by
+    --extra, which replaces the README's values) and prints a row per seed with the eval reward and the judged-right
+    fraction before and after, both fractions of the 32 eval samples."""
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("demo_seeds", ROOT / "benchmarks" / "demo_seeds.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    argv = demo.readme_command()
+    readme = (ROOT / "README.md").read_text()
+    assert argv[0] == "loop.py" and f"python {shlex.join(argv)}" in readme and "--seed" not in argv
+    assert demo.with_flags(["a.py", "--k", "4"], ["--k", "8", "--x", "1"]) == ["a.py", "--k", "8", "--x", "1"]
+    extra = ("--num-epochs 1 --num-steps 2 --sample-batch-size 8 --train-batch-size 8 --k 4 --image-every 0 "
+             "--eval-num-steps 3")
+    proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "demo_seeds.py"), "--seeds", "3", "--jobs", "1",
+                           "--out", str(tmp_path), f"--extra={extra}"], cwd=ROOT, env=OFFLINE, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    row = re.search(r"^\| 3 \| (\S+) -> (\S+) \| (\S+) \| (\d+)% -> (\d+)% \| (\S+)% \|$", proc.stdout, re.M)
+    assert row, proc.stdout[-2000:]
+    before, after, gain = (float(v) for v in row.groups()[:3])
+    assert 0 <= before <= 1 and 0 <= after <= 1 and math.isclose(after - before, gain, abs_tol=1.5e-3)
+    assert all(0 <= int(v) <= 100 for v in row.groups()[3:5])
+    assert (tmp_path / "seed3" / "checkpoints" / "epoch_0001").exists()
