@@ -177,11 +177,15 @@ def hub_file(repo: str, filename: str) -> str:
 
 def aesthetic(device, weights: Optional[str] = None, pretrained: Optional[str] = "openai", **arch):
     """open_clip ViT-L/14 (OpenAI weights) + the MLP head; `weights`: the MLP file (default: TRL's hub copy).
-    `arch` overrides open_clip's ViT-L-14 config (tests build the same classes small, with `pretrained=None`)."""
+    `arch` overrides open_clip's ViT-L-14 config (tests build the same classes small, with `pretrained=None`).
+
+    With QuickGELU, the activation OpenAI trained CLIP with and the one DDPO's scorer runs (transformers' CLIPModel):
+    open_clip's `ViT-L-14` config has plain GELU since 2.29 and only warns when OpenAI weights load into it, which
+    moves the score (a published measurement of this predictor on one image: 5.049 with QuickGELU, 4.443 without)."""
     state = load_state(weights or hub_file("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"))  # first: fail fast
     import open_clip
 
-    clip_model = open_clip.create_model("ViT-L-14", pretrained=pretrained, device=device, **arch)
+    clip_model = open_clip.create_model("ViT-L-14", pretrained=pretrained, device=device, force_quick_gelu=True, **arch)
     mlp = ScoreMLP()
     mlp.load_state_dict(state)
     return AestheticReward(clip_model, mlp.to(device))

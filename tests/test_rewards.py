@@ -394,3 +394,16 @@ def test_aesthetic_weights_load_from_a_local_file(tmp_path, suffix):
     r = check_batched(reward, smooth_images(4, 40, 32), PROMPTS[:4])
     assert not torch.allclose(r, r[:1].expand(4))
     torch.testing.assert_close(reward.mlp.layers[0].weight, mlp.layers[0].weight)
+
+
+def test_aesthetic_clip_runs_quickgelu_as_openai_trained_it(tmp_path):
+    """Every MLP of the image tower applies QuickGELU, x * sigmoid(1.702 x), the activation of OpenAI's CLIP and of
+    DDPO's scorer, not open_clip's ViT-L-14 default GELU; checked on the modules and on their output."""
+    import open_clip
+
+    torch.save(rewards.ScoreMLP().state_dict(), tmp_path / "mlp.pth")
+    reward = rewards.aesthetic("cpu", str(tmp_path / "mlp.pth"), pretrained=None, **L14_SMALL)
+    blocks = reward.clip.visual.transformer.resblocks
+    assert len(blocks) == 2 and all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in blocks)
+    x = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(blocks[0].mlp.gelu(x), x * torch.sigmoid(1.702 * x))
