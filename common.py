@@ -41,6 +41,7 @@ SD15_RANDOM = "sd15-random"  # Stable Diffusion 1.5's exact shapes and cost: spe
 # The pretrained model of the synthetic shapes world (world/shapes, made by `python -m world.pretrain`): a local
 # diffusers folder that ships with the project, so learning can be seen on a CPU (docs/world.md).
 SHAPES = "shapes"
+SHAPES_DIR = Path(__file__).resolve().parent / "world" / "shapes"  # found by path: common imports neither world nor rewards
 
 
 def fail(message: str):
@@ -221,9 +222,7 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     if model == SHAPES:
-        import world
-
-        model = str(world.MODEL_DIR)
+        model = str(SHAPES_DIR)
     if model in (TINY, SD15_RANDOM):
         pipe = _offline_pipeline(model, seed=0)  # the "pretrained" weights are the same for every run
     else:
@@ -527,18 +526,6 @@ def to_uint8(images: torch.Tensor):
     """(B, 3, H, W) floats in [0, 1] -> list of HxWx3 uint8 PIL images (one host copy for the batch)."""
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
-
-
-def make_reward(spec: str, device, weights: Optional[str] = None) -> Callable:
-    """The reward of `--reward` ("name[:weight],...") with the local weights of `--reward-weights` ("name=path,...").
-
-    Returns f(images, prompts) -> (B,) float32, the weighted sum; f(images, prompts, components=True) also returns
-    the unweighted terms (B, C), named by f.names. The rewards live in rewards.py; the spec is checked before any
-    model loads.
-    """
-    import rewards
-
-    return rewards.make(spec, device, weights)
 
 
 class CheckedReward:

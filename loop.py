@@ -19,6 +19,7 @@ import torch
 import tyro
 
 import common
+import rewards
 
 
 @dataclass
@@ -158,7 +159,7 @@ if __name__ == "__main__":
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
-    reward_fn = common.CheckedReward(common.make_reward(args.reward, device, args.reward_weights), args.reward)
+    reward_fn = common.CheckedReward(rewards.make(args.reward, device, args.reward_weights), args.reward)
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,

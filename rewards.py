@@ -14,8 +14,9 @@ authors use, run batched on the device without gradients:
 
 `make("pickscore:1,aesthetic:0.1", device)` returns the weighted sum as one callable; with `components=True` it
 also returns each term, unweighted, for logging. This module is separate from common.py (the sampler, loading,
-checkpoints) because the reward models and their preprocessing are as long as the environment itself; a
-script reaches it through `common.make_reward`, so every script keeps one local import.
+checkpoints) because the reward models and their preprocessing are as long as the environment itself. Imports go
+one way: this module uses common's helpers (`fail`, `to_uint8`, `clip_tokenizer`) and common never imports it; each
+script imports it beside common and wraps `rewards.make(...)` in `common.CheckedReward`.
 """
 
 import importlib

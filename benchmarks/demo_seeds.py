@@ -73,6 +73,7 @@ def judged(run_dir: Path, seed: int, argv: list) -> dict:
     import torch
 
     import common
+    import rewards
     import world
 
     torch.set_num_threads(2)
@@ -80,7 +81,7 @@ def judged(run_dir: Path, seed: int, argv: list) -> dict:
     pipe = common.load_pipeline("shapes", lora_rank=4, seed=seed)
     common.load_checkpoint(run_dir / "checkpoints" / f"epoch_{epochs:04d}", pipe.unet)
     prompts = common.load_eval_prompts(flag(argv, "--prompts"), None)
-    reward = common.make_reward(flag(argv, "--reward"), "cpu")
+    reward = rewards.make(flag(argv, "--reward"), "cpu")
     neg = common.encode_prompts(pipe, [""])
     kw = dict(num_steps=int(flag(argv, "--num-steps")), guidance=5.0, eta=1.0, seed=seed)
     out = {}

@@ -37,6 +37,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import ppo  # noqa: E402
+import rewards  # noqa: E402
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 PHASES = ("sampling", "decode", "reward", "training", "optimiser")
@@ -283,7 +284,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     load_average = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
 
-    reward_fn = common.CheckedReward(common.make_reward(args.reward, device), args.reward)
+    reward_fn = common.CheckedReward(rewards.make(args.reward, device), args.reward)
     prompts = common.load_prompts(hp.prompts)
     pipe = load(args, precision, device)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D)

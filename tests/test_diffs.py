@@ -84,3 +84,44 @@ def test_on_policy_warning_and_optimiser_lines_are_shared():
         text = (ROOT / f"{s}.py").read_text()
         assert ("clip: float =" in text) == (warning in text), s
         assert 'eps=args.adam_epsilon, fused=device.type == "cuda")' in text, s
+
+
+def project_imports() -> dict:
+    """module -> the project modules it imports anywhere in its text (top level or inside functions), read
+    statically with ast: the scripts, common, rewards, the world package and the benchmarks."""
+    import ast
+
+    files = {p.stem: p for p in ROOT.glob("*.py")}
+    files.update({"world": ROOT / "world" / "__init__.py", "world.pretrain": ROOT / "world" / "pretrain.py"})
+    files.update({f"benchmarks.{p.stem}": p for p in (ROOT / "benchmarks").glob("*.py")})
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for target in targets:
+                found |= {t for t in (target, target.split(".")[0]) if t in files and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_project_modules_import_in_one_direction():
+    """No import cycle among the project's modules (issue 22: common imported rewards and world, which imported
+    common back). The direction: the scripts and the benchmarks on top, rewards and world on common."""
+    graph = project_imports()
+    assert {"common", "rewards", "world", "loop"} <= set(graph) and graph["common"] == set()
+    assert "common" in graph["rewards"] and "common" in graph["world"] and "rewards" in graph["loop"]
+    state = {}
+
+    def visit(module, path):
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import cycle: " + " -> ".join(path + [module])
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            visit(target, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])

@@ -81,7 +81,7 @@ def test_color_reward_is_prompt_dependent():
 def test_weighted_sum_and_its_terms():
     images = torch.rand((3, 3, 32, 32), generator=torch.Generator().manual_seed(1))
     prompts = ["a red image", "a blue image", "a white image"]
-    f = common.make_reward("color:2, jpeg_compressibility:-0.5", "cpu")
+    f = rewards.make("color:2, jpeg_compressibility:-0.5", "cpu")
     total, terms = f(images, prompts, components=True)
     assert f.names == ["color", "jpeg_compressibility"] and terms.shape == (3, 2) and terms.dtype == torch.float32
     torch.testing.assert_close(terms[:, 0], rewards.color(images, prompts))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import rewards
 import world
 from world import Obj
 
@@ -140,7 +141,7 @@ def test_reward_is_batched_and_on_the_images_device():
     whole = world.reward(images, captions)
     singles = torch.cat([world.reward(images[i : i + 1], captions[i : i + 1]) for i in range(8)])
     assert torch.equal(whole, singles)
-    assert common.make_reward("shapes", "cpu")(images, captions).device == images.device
+    assert rewards.make("shapes", "cpu")(images, captions).device == images.device
 
 
 def test_the_committed_vae_keeps_what_the_reward_reads():

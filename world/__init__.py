@@ -22,13 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
+
 SIZE = 32  # image side in pixels
 BACKGROUND = (0.5, 0.5, 0.5)
 # Six saturated colours, far from each other and from the grey background.
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.9),
           "yellow": (0.95, 0.9, 0.1), "magenta": (0.9, 0.1, 0.9), "cyan": (0.1, 0.85, 0.9)}
 SHAPES = ("circle", "square", "triangle")
-MODEL_DIR = Path(__file__).resolve().parent / "shapes"  # the pretrained model, diffusers' folder layout
+MODEL_DIR = common.SHAPES_DIR  # the pretrained model, diffusers' folder layout (world/shapes)
 
 
 class Obj(NamedTuple):
@@ -270,8 +272,6 @@ def parse_all(prompts: Sequence[str]) -> list:
     objs = [parse(p) for p in prompts]
     for p, o in zip(prompts, objs):
         if not o:
-            import common
-
             common.fail(f"the shapes reward needs prompts that name '<colour> <shape>' objects ({', '.join(COLORS)}; "
                         f"{', '.join(SHAPES)}); {p!r} names none (use --prompts shapes)")
     return objs
