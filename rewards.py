@@ -23,6 +23,7 @@ import importlib
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -431,19 +432,28 @@ _SPLIT = re.compile(r"\s*(?:,|;|\.|\b(?:and|or|with|on|in|inside|of|to|near|unde
 _DETERMINERS = {"a", "an", "the", "some"}
 
 
+# T2I-CompBench drops these chunks (they name positions, not objects) and asks about the first 8 phrases at most.
+_DROPPED_CHUNKS = ("top", "the side", "the left", "the right")
+MAX_PHRASES = 8
+
+
 def noun_phrases(prompt: str) -> list:
     """The prompt's noun phrases, each of which T2I-CompBench asks about.
 
-    T2I-CompBench uses spaCy's `en_core_web_sm` noun chunks; when spaCy and that model are installed they are
-    used here too. Otherwise a rule-based splitter cuts at conjunctions, prepositions and a few verbs, which gives
-    spaCy's chunks on T2I-CompBench's attribute-binding prompts ("a green bench and a blue bowl" ->
-    ["a green bench", "a blue bowl"]) but not on free-form sentences.
+    T2I-CompBench uses spaCy's `en_core_web_sm` noun chunks, drops the chunks 'top', 'the side', 'the left' and
+    'the right' (exactly those texts) and keeps the first 8; when spaCy and that model are installed (README:
+    `pip install -e ".[t2i]"`, then spaCy's model) they are used here too. Otherwise a rule-based splitter cuts at
+    conjunctions, prepositions and a few verbs ("a green bench and a blue bowl" -> ["a green bench", "a blue bowl"]);
+    it does not always give spaCy's chunks ("a red apple and yellow bananas", README), and `blip_vqa` warns when
+    it is the one in use. The same filter and cap apply to both.
     """
     nlp = _spacy()
     if nlp is not None:
-        return [chunk.text for chunk in nlp(prompt).noun_chunks]
-    chunks = [c.strip() for c in _SPLIT.split(prompt) if c and c.strip()]
-    return [c for c in chunks if c.lower() not in _DETERMINERS]
+        chunks = [chunk.text for chunk in nlp(prompt).noun_chunks]
+    else:
+        chunks = [c.strip() for c in _SPLIT.split(prompt) if c and c.strip()]
+        chunks = [c for c in chunks if c.lower() not in _DETERMINERS]
+    return [c for c in chunks if c not in _DROPPED_CHUNKS][:MAX_PHRASES]
 
 
 _SPACY = []
@@ -527,6 +537,10 @@ def blip_vqa(device, weights: Optional[str] = None, image_size: int = 480):
     original `.pth` (T2I-CompBench's model itself, 480 px; the tokenizer from its folder's vocab.txt, else the hub's)."""
     from transformers import BlipForQuestionAnswering
 
+    if _spacy() is None:
+        warnings.warn("blip_vqa: spaCy's en_core_web_sm is not installed, so noun phrases come from a rule-based "
+                      "splitter that differs from T2I-CompBench's on some prompts; pip install -e '.[t2i]' and "
+                      "python -m spacy download en_core_web_sm (README) give its chunks", stacklevel=2)
     source = weights or "Salesforce/blip-vqa-capfilt-large"
     if Path(source).is_file():
         path, tokenizer = _weights_file(source, "", "")
