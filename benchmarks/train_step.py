@@ -1,7 +1,7 @@
 """One epoch of ppo.py's work, phase by phase: time, memory, achieved FLOP/s and the on-policy check.
 
 The phases are ppo.py's own code paths (common.sample with log-probs, common.decode_latents, the reward of
-common.make_reward with ppo.per_prompt_advantages, common.step_log_prob with ppo.policy_loss and its backward
+rewards.make with ppo.per_prompt_advantages, common.step_log_prob with ppo.policy_loss and its backward
 over the trained timesteps, then the optimiser step with ppo.py's settings), timed with a device sync at each
 phase boundary and none inside. One epoch here is one sampling call of --batch images (with CFG the UNet sees
 2 x --batch rows) and one optimiser step on all of them, in minibatches of --train-batch-size (default: all).
