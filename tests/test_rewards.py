@@ -23,7 +23,7 @@ def smooth_images(n=8, h=48, w=40, seed=0):
 
 def quantized(images):
     """The images as PIL sees them (uint8), back in [0, 1]."""
-    return torch.stack([torch.from_numpy(np.asarray(p)).permute(2, 0, 1).float() / 255 for p in common.to_uint8(images)])
+    return torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255 for p in common.to_uint8(images)])
 
 
 def check_batched(fn, images, prompts):
