@@ -15,8 +15,7 @@ Everything here is deterministic from a seed and needs no files; docs/world.md h
 import itertools
 import math
 import re
-from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
