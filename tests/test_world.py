@@ -180,7 +180,10 @@ def test_pretraining_learning_rate_warms_up_holds_then_decays_to_a_tenth():
 @pytest.mark.parametrize("flags, words", [
     (["--unet-decay", "1.5"], "--unet-decay"), (["--ema", "1"], "--ema"), (["--unet-lr", "nan"], "--unet-lr"),
     (["--vae-steps", "0"], "--vae-steps"), (["--device", "tpu0"], "--device"),
-    (["--resume-vae", "/nonexistent"], "--resume-vae")])
+    (["--resume-vae", "/nonexistent"], "--resume-vae"),
+    (["--out", str(world.MODEL_DIR)], "already holds files (the committed model); add --overwrite"),
+    (["--out", str(world.MODEL_DIR / "model_index.json")], "is a file"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")])])
 def test_pretraining_refuses_bad_flags_in_one_line(flags, words):
     import subprocess
     import sys
@@ -190,6 +193,40 @@ def test_pretraining_refuses_bad_flags_in_one_line(flags, words):
     proc = subprocess.run([sys.executable, "-m", "world.pretrain", "--out", "/nonexistent/out", *flags], cwd=ROOT,
                           env=OFFLINE, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+TINY_PRETRAIN = dict(threads=1, vae_steps=4, decoder_steps=2, vae_batch=8, unet_steps=4, unet_batch=8, num_latents=600,
+                     eval_images=2, eval_steps=2)
+
+
+def test_a_stopped_pretraining_run_leaves_its_output_as_it_was(tmp_path, monkeypatch):
+    """Every stage writes into a temporary folder beside --out: a run stopped in its last stage (here by a
+    KeyboardInterrupt in the final judgement, after the VAE and the UNet were trained and would have been saved)
+    leaves --out byte for byte as it was, even with --overwrite; the next run clears the leftovers and publishes."""
+    from world import pretrain
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "model_index.json").write_text("the earlier model")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    threads = torch.get_num_threads()  # main() sets the thread count and the global seed: both are put back
+    try:
+        with torch.random.fork_rng(devices=[]):
+            monkeypatch.setattr(pretrain, "judge_model", stop)
+            with pytest.raises(KeyboardInterrupt):
+                pretrain.main(pretrain.Args(out=str(out), overwrite=True, **TINY_PRETRAIN))
+            assert [p.name for p in out.iterdir()] == ["model_index.json"]
+            assert (out / "model_index.json").read_text() == "the earlier model"
+            assert (tmp_path / ".m.partial" / "vae").is_dir()  # the stopped run's work, beside --out, not in it
+            monkeypatch.undo()
+            pretrain.main(pretrain.Args(out=str(out), overwrite=True, vae_only=True, **TINY_PRETRAIN))
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "vae").is_dir() and not (out / "model_index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_pretraining_script_writes_a_diffusers_folder_every_script_loads(tmp_path):

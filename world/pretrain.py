@@ -11,16 +11,22 @@ Then it writes a diffusers folder (model_index.json, unet/, vae/, text_encoder/,
 that `StableDiffusionPipeline.from_pretrained` and every script (`--model shapes` or `--model PATH`) load,
 and prints how often samples are right (`world.judge`) for single- and two-object prompts.
 
-    python -m world.pretrain                              # the committed model: about 29 minutes on 2 cores
+    python -m world.pretrain                              # the committed recipe into runs/shapes_model: ~29 min on 2 cores
+    python -m world.pretrain --out world/shapes --overwrite   # remake the committed model in place
     python -m world.pretrain --out /tmp/shapes --unet-steps 500 --vae-steps 300 --decoder-steps 100  # smoke test
     python -m world.pretrain --device cuda --out /tmp/shapes  # a few minutes on a GPU (other weights)
 
 The data are deterministic from `--seed`; bit-identical weights also need the same CPU and thread count.
+Nothing is written to `--out` until the model is complete: every stage writes into a temporary folder beside it,
+which is renamed into place at the end, so a run stopped at any point leaves `--out` as it was. A `--out` that
+already holds files (the committed model, say) is replaced only with `--overwrite`.
 """
 
 import copy
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +43,10 @@ import world
 
 @dataclass
 class Args:
-    out: str = str(world.MODEL_DIR)
-    """the diffusers folder to write (default: the committed model, world/shapes)"""
+    out: str = "runs/shapes_model"
+    """the diffusers folder to write, when the run is complete (world/shapes is the committed model: --overwrite)"""
+    overwrite: bool = False
+    """replace --out if it already holds files (the committed model included)"""
     seed: int = 0
     """seed of the data, the weights' initialisation and the training order"""
     threads: int = 2
@@ -112,6 +120,33 @@ def check(args: Args):
         need(False, f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     need(args.resume_vae is None or (Path(args.resume_vae) / "vae").is_dir(),
          f"--resume-vae {args.resume_vae}: no vae/ folder there (give a folder this script wrote)")
+    need(not args.device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device}: torch sees no CUDA GPU on this machine; use --device cpu")
+    out = Path(args.out)
+    need(not out.exists() or out.is_dir(), f"--out {out} is a file; give a folder")
+    need(not (out.is_dir() and any(out.iterdir())) or args.overwrite,
+         f"--out {out} already holds files{' (the committed model)' if out.resolve() == world.MODEL_DIR else ''}; "
+         f"add --overwrite to replace it when the new model is complete, or choose another --out")
+    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    need(os.access(existing, os.W_OK), f"--out {out}: {existing} is not writable; choose another --out")
+
+
+def staging(out: Path) -> Path:
+    """The temporary folder beside --out that a run writes into (emptied first: a stopped run's leftovers go)."""
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: Path):
+    """Rename the finished model into place; an earlier --out (checked: --overwrite) is removed only then."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def log(msg: str):
@@ -198,7 +233,7 @@ def main(args: Args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
+    out, tmp = Path(args.out), staging(Path(args.out))  # every stage writes into tmp; out changes only at the end
     pipe = common._offline_pipeline(common.TINY, seed=0)  # its text encoder (frozen) and tokenizer are kept
     pipe.text_encoder.to(args.device)
     t_start = time.time()
@@ -215,9 +250,10 @@ def main(args: Args):
             torch.manual_seed(args.seed)
             pipe.vae = type(pipe.vae).from_config(pipe.vae.config).to(args.device)  # fresh init
         train_vae(pipe.vae, args, rng)
-        pipe.vae.save_pretrained(out / "vae", safe_serialization=True)
+        pipe.vae.save_pretrained(tmp / "vae", safe_serialization=True)
     t_vae = time.time() - t_start
     if args.vae_only:
+        publish(tmp, out)
         return
     means, stds, captions = encode_dataset(pipe.vae, args, np.random.default_rng((args.seed, 1)))  # its own stream
     scaling = 1.0 / means.std().item()
@@ -274,16 +310,16 @@ def main(args: Args):
             scores = judge_model(pipe, args)
             history["judged"].append({"step": step + 1, **scores})
             log(f"judged at {step + 1}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
-            ema.save_pretrained(out / "snapshots" / f"unet_{step + 1:05d}", safe_serialization=True)
+            ema.save_pretrained(tmp / "snapshots" / f"unet_{step + 1:05d}", safe_serialization=True)
 
     scores = judge_model(pipe, args)
     seconds = time.time() - t_start
     history.update(final=scores, seconds=seconds, vae_seconds=t_vae)
     log(f"final ({seconds / 60:.1f} min in all): {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
     pipe.scheduler = sched
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    (out / "pretrain_log.json").write_text(json.dumps(history, indent=1))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "pretrain_log.json").write_text(json.dumps(history, indent=1))
+    publish(tmp, out)
     log(f"saved to {out}")
 
 
