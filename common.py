@@ -2,8 +2,8 @@
 
 Stable Diffusion loading (hub id, local folder, or the offline `tiny` model), LoRA, prompt encoding,
 the classifier-free-guidance forward, the DDIM(eta) step with its log-probability, the sampler, the entry to
-the rewards (which live in rewards.py), prompt sets, image grids, logging, torch.distributed helpers and
-checkpoint I/O.
+the rewards (which live in rewards.py), prompt sets, image grids, logging, torch.distributed helpers, and the
+one-line report of what a user can cause. Run folders, checkpoints and resume live in runs.py.
 
 Nothing here asks which algorithm is running: advantages, losses, optimisers and the epoch loop live
 in the scripts. The notation follows ALGORITHMS.md section 0 (Black et al. 2023, arXiv 2305.13301):
@@ -14,17 +14,15 @@ grid) and whose policy is the Gaussian of one DDIM(eta) step.
 import atexit
 import contextlib
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -52,6 +50,32 @@ def fail(message: str):
 def one_line(error: BaseException, limit: int = 160) -> str:
     """An exception as `Type: message` on one line (library messages often span several)."""
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
+# A write the machine refused: disk full, over quota, read-only, no permission, over the file-size limit, I/O error.
+REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True):
+    """From now on, a Ctrl-C or a write the machine refuses ends the process with one line on stderr, ending with
+    `next_step()` (what to do now), instead of a traceback. Any other exception keeps its traceback: it is a bug.
+    (A sys.excepthook: it runs once the exception has unwound the program, so every `finally` has run.)"""
+    previous = sys.excepthook
+
+    def hook(kind, error, traceback):
+        if issubclass(kind, KeyboardInterrupt):
+            what = "interrupted"
+        elif issubclass(kind, OSError) and error.errno in REFUSED_WRITES:
+            where = Path(error.filename).parent if error.filename else Path.cwd()
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            what = f"a write failed ({one_line(error)}; {shutil.disk_usage(where).free / 1e6:.1f} MB free on its disk)"
+        else:
+            return previous(kind, error, traceback)
+        if enabled:
+            print(f"\nerror: {what}; {next_step()}", file=sys.stderr, flush=True)
+
+    sys.excepthook = hook
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -757,323 +781,6 @@ def progress(iterable=None, enabled: bool = True, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Optimiser state
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_optimizer(optimizer, state: dict):
-    """An optimiser's moments from a checkpoint, with THIS run's hyperparameters (lr, betas, eps, weight decay):
-    load_state_dict alone brings back the checkpoint's, so a changed --learning-rate would silently do nothing."""
-    flags = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, values in zip(optimizer.param_groups, flags):
-        group.update(values)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: LoRA (or full UNet) weights in diffusers' format + a training-state file, written atomically
-# ----------------------------------------------------------------------------------------------------
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-STATE_FILE = "training_state.pt"
-
-
-def _tensors(obj):
-    """Every tensor in nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def save_checkpoint(path: Union[str, Path], unet, state: dict):
-    """Write `path/` = LoRA weights (loadable by `pipe.load_lora_weights(path)`) + training state.
-
-    Only finite weights and state are written: a diverged run stops here in one line and its earlier checkpoints
-    stay the newest. Everything is written into `path.tmp/` and renamed into place only when complete, so a save
-    that is interrupted (killed, disk full) never leaves a half-written checkpoint and never destroys an earlier one.
-    Tensors go to safetensors; the training state (optimizer, epoch, statistics) is a torch file of
-    tensors and plain containers that loads with `weights_only=True`.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    bad = [name for name, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad or not all(torch.isfinite(t).all() for t in _tensors(state) if t.is_floating_point()):
-        fail(f"not saving {path.name}: the {'weights (' + bad[0] + ', ...)' if bad else 'training state'} are not finite, "
-             f"the run diverged; lower --learning-rate and resume from an earlier checkpoint, which is intact")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if getattr(unet, "peft_config", None):
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-        else:
-            save_file({k: v.contiguous().cpu() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-        torch.save(state, tmp / STATE_FILE)
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    except Exception as e:  # noqa: BLE001 - disk full (torch.save raises RuntimeError), folder made read-only, ...
-        shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else 0
-        fail(f"could not write checkpoint {str(path)!r} ({one_line(e)}; {free:.1f} MB free on its disk); earlier "
-             f"checkpoints are intact: free disk space and resume")
-
-
-def load_checkpoint(path: Union[str, Path], unet) -> dict:
-    """Load weights into `unet` (in place, exactly) and return the training state; fail in one line."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    try:
-        if getattr(unet, "peft_config", None):
-            from diffusers.utils import convert_unet_state_dict_to_peft
-            from peft import set_peft_model_state_dict
-
-            weights = {k.removeprefix("unet."): v for k, v in load_file(path / LORA_FILE).items()}
-            result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
-            if getattr(result, "unexpected_keys", None):
-                raise KeyError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
-        else:
-            unet.load_state_dict(load_file(path / "unet.safetensors"))
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign checkpoint is one user error
-        fail(f"cannot resume from {str(path)!r}: not a complete checkpoint of this model ({one_line(e, 100)})")
-
-
-def checkpoint_folders(run_dir: Union[str, Path]) -> list:
-    """(epoch, folder) of a run folder's `checkpoints/epoch_N`, sorted by the NUMBER N (epoch_10000 after epoch_9999);
-    the `.tmp` and `.old` folders of a save in progress are not checkpoints."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir, "checkpoints").glob("epoch_*")
-             if (m := re.fullmatch(r"epoch_(\d+)", p.name)) and p.is_dir()]
-    return sorted(found, key=lambda item: item[0])
-
-
-def checkpoint_problem(path: Path) -> Optional[str]:
-    """Why a checkpoint folder is not complete, or None, without loading it: the training state must be a whole
-    torch (zip) archive and the weights a safetensors file as long as its header says."""
-    import zipfile
-
-    weights = path / LORA_FILE if (path / LORA_FILE).exists() else path / "unet.safetensors"
-    if not (path / STATE_FILE).is_file() or not weights.is_file():
-        return f"{STATE_FILE} or the weights file is missing"
-    if not zipfile.is_zipfile(path / STATE_FILE):
-        return f"{STATE_FILE} is truncated or not a torch file"
-    try:
-        with open(weights, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if weights.stat().st_size != 8 + header_size + end:
-            return f"{weights.name} is truncated"
-    except Exception as e:  # noqa: BLE001 - any unreadable header is the same damage
-        return f"{weights.name} is unreadable ({one_line(e, 60)})"
-    return None
-
-
-def read_checkpoint(path: Path) -> tuple:
-    """(training state, None) of a complete checkpoint folder, or (None, why it is not)."""
-    problem = checkpoint_problem(path)
-    if problem is None:
-        try:
-            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True), None
-        except Exception as e:  # noqa: BLE001 - a whole archive with damaged contents
-            problem = f"{STATE_FILE} does not load ({one_line(e, 60)})"
-    return None, problem
-
-
-def find_checkpoint(path: Union[str, Path], enabled: bool = True) -> tuple:
-    """(folder, training state) of the checkpoint to resume: `path` if it is a checkpoint folder, else the newest
-    complete one, by epoch number, under the run folder's `checkpoints/`; damaged newer ones are skipped, saying so."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        damaged = []
-        for _, folder in reversed(checkpoint_folders(path)):
-            state, problem = read_checkpoint(folder)
-            if state is not None:
-                if damaged:
-                    print0(f"warning: {'; '.join(damaged)}: resuming from {folder.name}, the newest complete checkpoint",
-                           enabled=enabled, file=sys.stderr)
-                return folder, state
-            damaged.append(f"{folder.name} is damaged ({problem})")
-        if damaged:
-            fail(f"cannot resume from {str(path)!r}: it has no complete checkpoint ({'; '.join(damaged)})")
-    elif path.is_dir() and any((path / name).exists() for name in (STATE_FILE, LORA_FILE, "unet.safetensors")):
-        state, problem = read_checkpoint(path)
-        if state is None:
-            fail(f"cannot resume from {str(path)!r}: not a complete checkpoint ({problem})")
-        return path, state
-    diverged = sorted(p.name for p in path.glob("checkpoints/*.diverged*"))
-    if diverged:
-        fail(f"cannot resume from {str(path)!r}: its only checkpoints were written from diverged weights ({', '.join(diverged)})")
-    fail(f"no checkpoint found at {str(path)!r}: give a checkpoint folder or a run folder that has checkpoints/")
-
-
-# The flags that fix the model's shape and the algorithm: a run resumes only with the values its checkpoint records.
-# The learning rate and the other optimiser settings may change on resume (common.load_optimizer applies them).
-FIXED_FLAGS = ("model", "lora_rank", "lora_alpha", "num_steps", "eta", "guidance", "k")
-
-
-def fixed_flags(args) -> dict:
-    """The FIXED_FLAGS this script has, with LoRA alpha as it takes effect (the rank when omitted)."""
-    flags = {name: getattr(args, name) for name in FIXED_FLAGS if hasattr(args, name)}
-    if "lora_alpha" in flags and flags["lora_alpha"] is None:
-        flags["lora_alpha"] = float(args.lora_rank)
-    return flags
-
-
-@dataclasses.dataclass
-class Run:
-    """One run: its folder, its record, what it resumes, and the divergence checks that guard its checkpoints.
-
-    A non-finite gradient norm (a NaN or inf loss, an overflow in the backward pass) skips the optimiser step and is
-    counted; `patience` of them in a row stop the run. The norm is the one clip_grad_norm_ returns anyway, after the
-    all-reduce, so every process decides the same, with one host sync per optimiser step and none in the timestep loop.
-    Under fp16 a non-finite gradient is the GradScaler's normal overflow while its scale is >= 1 (it skips the step and
-    lowers the scale itself); only below that does it count. Skipped steps leave the weights as they are, so weights that
-    gave a non-finite gradient are never saved, and when the run stops as diverged, the checkpoints written from the
-    same weights are renamed `epoch_N.diverged`: a resume never picks them.
-    """
-
-    dir: Path  # the run folder; the Logger creates it, once the model and any checkpoint have loaded
-    record: dict  # in every checkpoint: the script, this run's id, the run it branched from, the fixed flags
-    args: object  # the parsed flags (for the messages)
-    checkpoint: Optional[Path] = None  # the checkpoint to resume from
-    enabled: bool = True  # the main process: it writes, renames and prints
-    patience: int = 3
-    skipped_steps: int = 0
-    nonfinite_in_a_row: int = 0
-    current: list = dataclasses.field(default_factory=list)  # checkpoints written from the current weights
-    off_policy_warned: bool = False
-
-    def check_on_policy(self, ratio_dev, clip: float, epoch: int):
-        """Warn once per run, in one line on stderr, when `debug/ratio_dev_at_start` (mean |rho - 1| before the epoch's
-        first update, ~0 on-policy) exceeds clip / 10: sampling and training then evaluate measurably different policies
-        (the precision, a kernel that depends on the batch), and rounding alone starts to fill the clip range
-        (docs/performance.md has the measurements). Called once per epoch with the logged value (one host sync)."""
-        if self.off_policy_warned or not float(ratio_dev) > clip / 10:
-            return
-        self.off_policy_warned = True
-        print0(f"warning: epoch {epoch}: debug/ratio_dev_at_start {float(ratio_dev):.2e} exceeds clip/10 = "
-               f"{clip / 10:.2g}: sampling and training disagree before any update, so rounding fills part of the clip "
-               f"range (try --mixed-precision fp16 or no; docs/performance.md); warned once per run",
-               enabled=self.enabled, file=sys.stderr)
-
-    def step_ok(self, grad_norm, scaler, epoch: int) -> bool:
-        """True if the optimiser step may be taken; False (skip it) if the gradient is not finite."""
-        if torch.isfinite(grad_norm):
-            self.nonfinite_in_a_row, self.current = 0, []  # the step changes the weights
-            return True
-        self.skipped_steps += 1
-        if scaler.is_enabled() and scaler.get_scale() >= 1:
-            return False
-        self.nonfinite_in_a_row += 1
-        print0(f"warning: epoch {epoch}: gradient norm {float(grad_norm)}, optimiser step skipped ({self.nonfinite_in_a_row} "
-               f"in a row, {self.skipped_steps} in this run)", enabled=self.enabled, file=sys.stderr)
-        if self.nonfinite_in_a_row >= self.patience:
-            self.diverged(f"the gradient was not finite in {self.patience} optimiser steps in a row (epoch {epoch})")
-        return False
-
-    def diverged(self, what: str):
-        """Stop: the current weights diverged. Checkpoints written from them are renamed so that resume skips them."""
-        renamed = []
-        for path in self.current if self.enabled else []:
-            target, n = path.with_name(path.name + ".diverged"), 1
-            while target.exists():
-                target, n = path.with_name(f"{path.name}.diverged{n}"), n + 1
-            path.rename(target)
-            renamed.append(path.name)
-        note = f"{', '.join(renamed)} held these weights and became *.diverged" if renamed else "no checkpoint holds these weights"
-        fail(f"{what}: the model diverged ({divergence_hint(self.args)}); {note}")
-
-    def save(self, epoch: int, unet, state: dict):
-        """This run's checkpoint of `epoch`: checkpoints/epoch_NNNN, its training state carrying the run's record."""
-        path = self.dir / "checkpoints" / f"epoch_{epoch:04d}"
-        if self.nonfinite_in_a_row:
-            self.diverged(f"not saving {path.name}: the weights gave a non-finite gradient at the last optimiser step")
-        save_checkpoint(path, unet, {**state, "record": self.record})
-        self.current.append(path)
-
-
-def start_run(args, script: str, enabled: bool = True) -> Run:
-    """Decide, before the model loads, what this run resumes and where it writes; nothing is written yet.
-
-    --resume takes a checkpoint folder or a run folder (its newest complete checkpoint, by epoch number). The
-    checkpoint must come from the same script with the same FIXED_FLAGS, below --num-epochs; a mismatch stops in one
-    line naming both values. The run continues in the checkpoint's run folder when that checkpoint is the newest
-    complete one there; resumed from an OLDER one, it branches into a new run folder next to it, so that no checkpoint
-    is ever overwritten and every run folder holds one history (refusing instead would only make the user choose a
-    folder name). No run writes into a folder that holds another run's checkpoints.
-    """
-    record = dict(script=script, run=uuid.uuid4().hex[:12], parent=None, flags=fixed_flags(args))
-    checkpoint, home, later = None, None, []
-    if args.resume:
-        checkpoint, state = find_checkpoint(args.resume, enabled)
-        theirs, where = state.get("record"), f"cannot resume from {str(checkpoint)!r}"
-        if not isinstance(theirs, dict):
-            fail(f"{where}: it does not record the script and flags that wrote it (an older version), so it cannot be "
-                 f"checked; start a new run")
-        if theirs["script"] != script:
-            fail(f"{where}: it was written by {theirs['script']}.py, not {script}.py; resume it with {theirs['script']}.py")
-        for name, value in record["flags"].items():
-            if theirs["flags"].get(name) != value:
-                flag = "--" + name.replace("_", "-")
-                fail(f"{where}: {flag} {value} here, {flag} {theirs['flags'].get(name)} in the checkpoint; the flags that "
-                     f"fix the model and the algorithm must match: pass {flag} {theirs['flags'].get(name)}, or start a new run")
-        if state["epoch"] >= args.num_epochs:
-            fail(f"{where}: it is at epoch {state['epoch']} and --num-epochs is {args.num_epochs}, so there is nothing "
-                 f"to train; raise --num-epochs")
-        if checkpoint.parent.name == "checkpoints":
-            home = checkpoint.parent.parent
-            later = [f.name for e, f in checkpoint_folders(home) if e > state["epoch"] and checkpoint_problem(f) is None]
-    if args.run_name:
-        run_dir = Path(args.output_dir) / args.run_name
-    elif home is not None:
-        run_dir = home.parent / f"{home.name}__from_{checkpoint.name}__{int(time.time())}" if later else home
-    else:
-        run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    continuing = home is not None and run_dir.resolve() == home.resolve()
-    if continuing and later:
-        fail(f"--run-name {args.run_name}: resuming from {checkpoint.name} in its own run folder would overwrite its later "
-             f"checkpoints ({', '.join(later)}); leave out --run-name to branch into a new run folder")
-    if not continuing and checkpoint_folders(run_dir):
-        fail(f"the run folder {str(run_dir)!r} already holds checkpoints of another run; choose another --run-name, or "
-             f"continue that run with --resume {run_dir}")
-    if enabled:  # the folder is created only once the run can start; check now that it can be
-        parent = run_dir
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            fail(f"cannot create the run folder {str(run_dir)!r}: {str(parent)!r} is a file; choose another --output-dir")
-        try:
-            tempfile.TemporaryDirectory(dir=parent).cleanup()
-        except OSError as e:
-            fail(f"cannot create the run folder {str(run_dir)!r}: {str(parent)!r} is not writable ({one_line(e, 60)}); "
-                 f"choose a writable --output-dir")
-    if continuing:
-        record.update(run=theirs["run"], parent=theirs["parent"])
-    elif checkpoint is not None:
-        record["parent"] = f"{theirs['run']} at {checkpoint}"
-        if later:
-            print0(f"{checkpoint.name} is older than its run's newest checkpoint {later[-1]}: this run branches into "
-                   f"{run_dir}, and the later checkpoints stay as they are", enabled=enabled)
-    return Run(run_dir, record, args, checkpoint, enabled)
 
 
 def print0(*args, enabled: bool = True, **kwargs):

@@ -20,6 +20,7 @@ import tyro
 
 import common
 import rewards
+import runs
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Args:
     """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation)"""
     resume: Optional[str] = None
     """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
+    fork: bool = False
+    """with --resume: continue in a new run folder, where the experiment's flags (reward, prompts, seed, sizes, the
+    algorithm's settings) may differ from the checkpoint's; without it a resume refuses any change to them"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project: str = "diffusion-rl"
@@ -162,17 +166,18 @@ if __name__ == "__main__":
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
                   f"trained timesteps per trajectory", enabled=main)
 
-    run = common.start_run(args, Path(__file__).stem, enabled=main)  # what to resume and where to write, checked
+    run = runs.start(args, Path(__file__).stem, dist)  # what to resume and where to write, checked
     checkpoint, run_dir = run.checkpoint, run.dir
     common.speed_flags(device)
     torch.manual_seed(args.seed)
 
-    reward_fn = common.CheckedReward(rewards.make(args.reward, device, args.reward_weights), args.reward)
     prompts = common.load_prompts(args.prompts, args.prompt_file)
+    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
+    reward_fn = common.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
+                                     args.reward)  # the prompts are checked against the reward before it loads
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
-    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(pipe.unet)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -182,8 +187,8 @@ if __name__ == "__main__":
     start_epoch, global_step, stats, reward_curve = 0, 0, {}, []
     eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
     if checkpoint:
-        state = common.load_checkpoint(checkpoint, pipe.unet)
-        common.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
+        state = runs.load_checkpoint(checkpoint, pipe.unet)
+        runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, stats, reward_curve = state["epoch"], state["global_step"], state["stats"], state["reward_curve"]
         eval_before = state["eval_before"]

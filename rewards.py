@@ -560,24 +560,28 @@ class Entry:
     load: Callable  # (device, weights: Optional[str]) -> f(images, prompts) -> (B,)
     weights: str = ""  # what --reward-weights NAME=... takes; empty: the reward has no weights
     hub: bool = False  # a hub id is accepted in place of a local path
+    prompts: Union[Callable, str, None] = None  # fails in one line on prompts the reward cannot score ("module:fn")
 
 
-def free(fn: Union[Callable, str]) -> Entry:
-    """A weight-free reward: a function, or "module:function" imported when the reward is made."""
-    def load(device, weights=None):
-        if callable(fn):
-            return fn
-        module, _, name = fn.partition(":")
-        return getattr(importlib.import_module(module), name)
+def _resolve(fn: Union[Callable, str]) -> Callable:
+    """A function, or "module:function" imported now."""
+    if callable(fn):
+        return fn
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-    return Entry(load)
+
+def free(fn: Union[Callable, str], prompts: Union[Callable, str, None] = None) -> Entry:
+    """A weight-free reward: a function, or "module:function" imported when the reward is made; `prompts` checks
+    the prompts it will be asked to score."""
+    return Entry(lambda device, weights=None: _resolve(fn), prompts=prompts)
 
 
 REWARDS = {
     "jpeg_compressibility": free(jpeg_compressibility),
     "jpeg_incompressibility": free(jpeg_incompressibility),
-    "color": free(color),
-    "shapes": free("world:reward"),  # the shapes world's compositional reward (world/__init__.py, docs/world.md)
+    "color": free(color, prompts=lambda prompts: [prompt_color(p) for p in prompts]),
+    "shapes": free("world:reward", prompts="world:parse_all"),  # the shapes world's compositional reward (world/__init__.py, docs/world.md)
     "aesthetic": Entry(aesthetic, "the MLP's .pth/.safetensors (sac+logos+ava1-l14-linearMSE)"),
     "pickscore": Entry(pickscore, "a CLIPModel folder or hub id (yuvalkirstain/PickScore_v1)", hub=True),
     "hpsv2": Entry(hpsv2, "HPS_v2.1_compressed.pt (xswu/HPSv2)"),
@@ -652,9 +656,13 @@ def load(name: str, device, weights: Optional[str] = None) -> Callable:
                     f"--reward-weights {name}=PATH ({entry.weights}), or use --reward color offline")
 
 
-def make(spec: str, device, weights: Optional[str] = None) -> WeightedSum:
-    """`spec` "name[:weight],...", `weights` "name=path,...": both validated before any model loads."""
+def make(spec: str, device, weights: Optional[str] = None, prompts: Sequence[str] = ()) -> WeightedSum:
+    """`spec` "name[:weight],...", `weights` "name=path,...", and the `prompts` to be scored: all validated before
+    any model loads."""
     terms = parse_spec(spec)
     paths = parse_weights(weights, [name for name, _ in terms])
+    for name, _ in terms:
+        if REWARDS[name].prompts is not None:
+            _resolve(REWARDS[name].prompts)(list(prompts))
     fns = [load(name, device, paths.get(name)) for name, _ in terms]
     return WeightedSum([name for name, _ in terms], [w for _, w in terms], fns)

@@ -74,12 +74,13 @@ def judged(run_dir: Path, seed: int, argv: list) -> dict:
 
     import common
     import rewards
+    import runs
     import world
 
     torch.set_num_threads(2)
     epochs = int(flag(argv, "--num-epochs"))
     pipe = common.load_pipeline("shapes", lora_rank=4, seed=seed)
-    common.load_checkpoint(run_dir / "checkpoints" / f"epoch_{epochs:04d}", pipe.unet)
+    runs.load_checkpoint(run_dir / "checkpoints" / f"epoch_{epochs:04d}", pipe.unet)
     prompts = common.load_eval_prompts(flag(argv, "--prompts"), None)
     reward = rewards.make(flag(argv, "--reward"), "cpu")
     neg = common.encode_prompts(pipe, [""])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -44,6 +46,17 @@ def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int 
     return proc
 
 
+def run_here(script: str) -> dict:
+    """`python script.py` with the current sys.argv, in this process; its globals when it ends. What the end of its
+    own process would do is done here too: its run-folder locks are released, and its sys.excepthook is undone."""
+    hook = sys.excepthook
+    try:
+        return runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+    finally:
+        runs.release()
+        sys.excepthook = hook
+
+
 def run_main(script: str, *args) -> dict:
     """A script's main block in this process (no interpreter start-up) with `args` as its command line; returns its
     globals as they are when it finishes, so a test can read what the script computed (advantages, losses, buffer).
@@ -52,7 +65,7 @@ def run_main(script: str, *args) -> dict:
     sys.argv = [f"{script}.py", *map(str, args)]
     try:
         with torch.random.fork_rng(devices=[]):
-            return runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+            return run_here(script)
     finally:
         sys.argv = argv
 

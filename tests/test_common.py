@@ -8,6 +8,7 @@ from conftest import perturb_lora
 from helpers import NETWORK_RTOL, assert_close_normwise
 
 import common
+import runs
 
 
 def test_sampler_equals_diffusers_pipeline_at_eta_0(tiny, embeds):
@@ -215,7 +216,7 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_outputs(tmp_path, embeds):
     _, emb, neg = embeds
     ours = common.load_pipeline("tiny", lora_rank=4, lora_alpha=8, seed=0)
     perturb_lora(ours.unet, seed=1)
-    common.save_checkpoint(tmp_path / "ckpt", ours.unet, {"epoch": 3})
+    runs.save_checkpoint(tmp_path / "ckpt", ours.unet, {"epoch": 3})
     fresh = common._offline_pipeline("tiny", seed=0)
     fresh.load_lora_weights(str(tmp_path / "ckpt"))
     x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(7))
@@ -225,7 +226,7 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_outputs(tmp_path, embeds):
     # and our own loader restores the weights bit-identically into a fresh model
     back = common.load_pipeline("tiny", lora_rank=4, lora_alpha=8, seed=0)
     perturb_lora(back.unet, seed=2)
-    state = common.load_checkpoint(tmp_path / "ckpt", back.unet)
+    state = runs.load_checkpoint(tmp_path / "ckpt", back.unet)
     assert state == {"epoch": 3}
     for (n1, p1), (n2, p2) in zip(ours.unet.named_parameters(), back.unet.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
@@ -235,35 +236,35 @@ def test_full_unet_checkpoint_round_trips(tmp_path):
     a = common.load_pipeline("tiny", lora_rank=0, seed=0)
     with torch.no_grad():
         next(a.unet.parameters()).add_(1.0)
-    common.save_checkpoint(tmp_path / "ckpt", a.unet, {"epoch": 1})
+    runs.save_checkpoint(tmp_path / "ckpt", a.unet, {"epoch": 1})
     b = common.load_pipeline("tiny", lora_rank=0, seed=0)
-    common.load_checkpoint(tmp_path / "ckpt", b.unet)
+    runs.load_checkpoint(tmp_path / "ckpt", b.unet)
     assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
-    common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
+    runs.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(SystemExit, match="could not write checkpoint .* disk full"):
-        common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
+        runs.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
     monkeypatch.undo()
-    assert common.load_checkpoint(tmp_path / "ckpt", tiny.unet) == {"epoch": 1}
-    assert common.find_checkpoint(tmp_path / "ckpt") == (tmp_path / "ckpt", {"epoch": 1})
+    assert runs.load_checkpoint(tmp_path / "ckpt", tiny.unet) == {"epoch": 1}
+    assert runs.find_checkpoint(tmp_path / "ckpt") == (tmp_path / "ckpt", {"epoch": 1})
 
 
 def test_damaged_checkpoint_fails_in_one_line(tmp_path, tiny):
-    common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
-    path = tmp_path / "ckpt" / common.LORA_FILE
+    runs.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
+    path = tmp_path / "ckpt" / runs.LORA_FILE
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(SystemExit) as e:
-        common.load_checkpoint(tmp_path / "ckpt", tiny.unet)
+        runs.load_checkpoint(tmp_path / "ckpt", tiny.unet)
     assert "\n" not in str(e.value) and "cannot resume" in str(e.value)
     with pytest.raises(SystemExit):
-        common.find_checkpoint(tmp_path / "nothing-here")
+        runs.find_checkpoint(tmp_path / "nothing-here")
 
 
 def test_offline_tokenizer_matches_open_clip(tiny):

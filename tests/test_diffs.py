@@ -77,7 +77,7 @@ def test_evaluation_is_the_same_block_in_every_script():
 
 
 def test_on_policy_warning_and_optimiser_lines_are_shared():
-    """Every script with a clip range warns (once, common.Run.check_on_policy) when the on-policy check exceeds clip/10,
+    """Every script with a clip range warns (once, runs.Run.check_on_policy) when the on-policy check exceeds clip/10,
     with the same line; every script builds its AdamW with the same fused switch."""
     warning = 'run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)'
     for s in (s for s in SCRIPTS if present(s)):

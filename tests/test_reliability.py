@@ -10,16 +10,16 @@ command line to check the exit status and that stderr holds no traceback."""
 import dataclasses
 import importlib
 import math
-import runpy
 import shutil
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, error_line, lora_weights, run, training_state
+from helpers import error_line, lora_weights, run, run_here, training_state
 
 import common
 import rewards
+import runs
 
 SCRIPTS = ["reinforce", "ppo", "loop", "dpok", "score_as_action"]
 # Valid for every script: 4 images (one LOOP group of 4), 2 steps, minibatches of 2.
@@ -78,7 +78,7 @@ def in_process(script: str, argv: list, monkeypatch) -> str:
     other exception propagates: a traceback fails the test."""
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
     try:
-        runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+        run_here(script)
     except SystemExit as e:
         return str(e)
     return ""
@@ -163,7 +163,7 @@ def test_a_diverged_run_leaves_no_checkpoint_that_resume_picks(tmp_path, monkeyp
     assert [p.name for p in folders] == ["epoch_0001.diverged"]
     assert all(torch.isfinite(v).all() for v in lora_weights(folders[0]).values())  # what was written is finite
     with pytest.raises(SystemExit, match="diverged weights"):
-        common.find_checkpoint(tmp_path / "div")
+        runs.find_checkpoint(tmp_path / "div")
 
 
 def test_checked_reward_marks_non_finite_images_whatever_the_reward_says():
@@ -176,14 +176,14 @@ def test_checked_reward_marks_non_finite_images_whatever_the_reward_says():
     assert scores[[0, 2]].isfinite().all() and scores[1].isnan()
     args = type("Args", (), dict(learning_rate=1e-4, guidance=5.0))()
     with pytest.raises(SystemExit, match="non-finite images at epoch 3"):
-        reward.check(scores, 3, common.Run(None, {}, args))
+        reward.check(scores, 3, runs.Run(None, {}, args))
     reward.check(reward(torch.rand(2, 3, 16, 16), ["x"] * 2), 4, None)  # finite again: the count was reset
     with pytest.raises(SystemExit, match=r"returned torch.Size\(\[2, 1\]\) for 2 images"):
         common.CheckedReward(lambda images, prompts: torch.zeros(2, 1), "bad")(torch.rand(2, 3, 8, 8), ["x"] * 2)
 
 
 def test_save_refuses_non_finite_weights_and_a_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
-    common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
+    runs.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 1})
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     lora_b = next(p for n, p in tiny.unet.named_parameters() if "lora_B" in n)
     saved = lora_b.detach().clone()
@@ -191,19 +191,19 @@ def test_save_refuses_non_finite_weights_and_a_full_disk_keeps_the_previous_chec
         with torch.no_grad():
             lora_b[0, 0] = float("nan")
         with pytest.raises(SystemExit, match="not saving ckpt: the weights .* are not finite"):
-            common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
+            runs.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
     finally:
         with torch.no_grad():
             lora_b.copy_(saved)
     with pytest.raises(SystemExit, match="training state are not finite"):
-        common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2, "value": [torch.tensor(math.inf)]})
+        runs.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2, "value": [torch.tensor(math.inf)]})
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit) as e:
-        common.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
+        runs.save_checkpoint(tmp_path / "ckpt", tiny.unet, {"epoch": 2})
     assert "No space left on device" in str(e.value) and "\n" not in str(e.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp left behind
@@ -211,7 +211,7 @@ def test_save_refuses_non_finite_weights_and_a_full_disk_keeps_the_previous_chec
 
 def test_divergence_guard_skips_counts_and_stops(tmp_path):
     args = type("Args", (), dict(learning_rate=0.5, guidance=7.0))()
-    run_ = common.Run(tmp_path, {}, args)
+    run_ = runs.Run(tmp_path, {}, args)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     assert run_.step_ok(torch.tensor(1.0), scaler, 0)
     assert not run_.step_ok(torch.tensor(float("nan")), scaler, 0) and not run_.step_ok(torch.tensor(math.inf), scaler, 0)
@@ -227,7 +227,7 @@ def test_divergence_guard_skips_counts_and_stops(tmp_path):
 
 
 def test_the_on_policy_warning_comes_once_per_run_and_only_above_clip_over_10(tmp_path, capsys):
-    run_ = common.Run(tmp_path, {}, None)
+    run_ = runs.Run(tmp_path, {}, None)
     run_.check_on_policy(torch.tensor(1e-5), 1e-4, 0)  # at clip/10: quiet
     run_.check_on_policy(torch.tensor(float("nan")), 1e-4, 1)  # NaN is the divergence guard's business, not this one's
     assert capsys.readouterr().err == ""
@@ -235,7 +235,7 @@ def test_the_on_policy_warning_comes_once_per_run_and_only_above_clip_over_10(tm
     run_.check_on_policy(torch.tensor(5e-4), 1e-4, 3)  # once per run, however large later
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: epoch 2: debug/ratio_dev_at_start 3.00e-05 exceeds clip/10 = 1e-05")
-    quiet = common.Run(tmp_path, {}, None, enabled=False)  # the main process alone prints
+    quiet = runs.Run(tmp_path, {}, None, enabled=False)  # the main process alone prints
     quiet.check_on_policy(torch.tensor(1.0), 1e-4, 0)
     assert capsys.readouterr().err == ""
 
@@ -270,7 +270,7 @@ def test_resume_refuses_another_script_other_flags_and_older_formats(ppo_run, tm
     shutil.copytree(ckpt, old)
     state = training_state(old)
     del state["record"]
-    torch.save(state, old / common.STATE_FILE)
+    torch.save(state, old / runs.STATE_FILE)
     cases.append(("ppo", ["--resume", old], "does not record the script and flags"))
     problems = []
     for script, argv, message in cases:
@@ -305,7 +305,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(ppo_run, tmp
     writes an epoch_0002 equal to the original one."""
     home = tmp_path / "a"
     shutil.copytree(ppo_run, home)
-    damaged = home / "checkpoints" / "epoch_0002" / common.LORA_FILE
+    damaged = home / "checkpoints" / "epoch_0002" / runs.LORA_FILE
     damaged.write_bytes(damaged.read_bytes()[:-10])
     assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--save-every", 1, "--resume", home], monkeypatch) == ""
     err = capsys.readouterr().err
@@ -326,7 +326,7 @@ def test_resume_trains_with_the_learning_rate_given_now(ppo_run, tmp_path, monke
 
 def test_newest_checkpoint_is_chosen_by_epoch_number(tmp_path, tiny):
     for epoch in (9999, 10000):
-        common.save_checkpoint(tmp_path / "checkpoints" / f"epoch_{epoch:04d}", tiny.unet, {"epoch": epoch})
+        runs.save_checkpoint(tmp_path / "checkpoints" / f"epoch_{epoch:04d}", tiny.unet, {"epoch": epoch})
     (tmp_path / "checkpoints" / "epoch_10001.tmp").mkdir()  # a save in progress is not a checkpoint
-    path, state = common.find_checkpoint(tmp_path)
+    path, state = runs.find_checkpoint(tmp_path)
     assert path.name == "epoch_10000" and state["epoch"] == 10000

@@ -2,7 +2,6 @@
 and the script end to end on the tiny model (evaluation at two step counts, resume, torchrun, bad input, learning)."""
 
 import math
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import perturb_lora
-from helpers import OFFLINE, PYTHON, ROOT, run_main, scalars
+from helpers import OFFLINE, PYTHON, ROOT, run_here, run_main, scalars
 from helpers import run as run_script
 
 import common
 import rewards
+import runs
 import score_as_action as saa
 
 TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors"]
@@ -35,7 +35,7 @@ def checkpoint_tensors(path: Path) -> dict:
     to name -> tensor or plain value. The state must load with weights_only=True."""
     from safetensors.torch import load_file
 
-    flat = {f"lora/{k}": v for k, v in load_file(path / common.LORA_FILE).items()}
+    flat = {f"lora/{k}": v for k, v in load_file(path / runs.LORA_FILE).items()}
 
     def walk(prefix, obj):
         if isinstance(obj, dict):
@@ -47,7 +47,7 @@ def checkpoint_tensors(path: Path) -> dict:
         else:
             flat[prefix] = obj
 
-    walk("state", torch.load(path / common.STATE_FILE, map_location="cpu", weights_only=True))
+    walk("state", torch.load(path / runs.STATE_FILE, map_location="cpu", weights_only=True))
     return flat
 
 
@@ -228,7 +228,7 @@ def test_kl_is_a_running_reward_paid_at_its_step(tmp_path):
 def test_bad_input_fails_in_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.setattr(sys, "argv", ["score_as_action.py", *TINY, "--output-dir", str(tmp_path), *args])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(ROOT / "score_as_action.py"), run_name="__main__")
+        run_here("score_as_action")
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 

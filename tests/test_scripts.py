@@ -1,11 +1,10 @@
 """reinforce.py, ppo.py and loop.py end to end: outputs, the on-policy check, resume, torchrun, bad input."""
 
-import runpy
 import sys
 
 import pytest
 import torch
-from helpers import (ACCUMULATE, NETWORK_RTOL, ROOT, TINY, assert_close_normwise, error_line, lora_weights, run, run_main,
+from helpers import (ACCUMULATE, NETWORK_RTOL, TINY, assert_close_normwise, error_line, lora_weights, run, run_here, run_main,
                      scalars, training_state)
 
 import common
@@ -168,7 +167,7 @@ def test_damaged_resume_and_nan_reward_leave_the_checkpoint_intact(tmp_path, mon
     argv = [*TINY, "--num-epochs", 3, "--output-dir", tmp_path, "--resume", tmp_path / "good", "--gradient-accumulation-steps", 1]
     monkeypatch.setattr(sys, "argv", ["loop.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(ROOT / "loop.py"), run_name="__main__")
+        run_here("loop")
     assert "non-finite" in str(e.value) and "\n" not in str(e.value)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before

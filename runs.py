@@ -1,0 +1,501 @@
+"""Run folders: where a run writes, what it resumes, and the checks that keep its checkpoints sound.
+
+A run folder holds one run's history: TensorBoard events, image grids, and checkpoints/epoch_N, each the LoRA
+weights in diffusers' format plus a training state. Before the model loads, `start` decides what a run resumes and
+where it writes, checks that the resumed checkpoint comes from the same script and the same experiment, and locks
+the folder for the run's life. `Run.save` writes checkpoints atomically and only from finite weights. From then on,
+a Ctrl-C or a write the machine refuses (a full disk) ends the run in one line that says how to continue.
+
+The scripts reach this module through `runs.start`, `runs.load_checkpoint`, `runs.load_optimizer` and the `Run`
+that `start` returns; common.py keeps the environment (models, sampling, prompts, logging).
+"""
+
+import atexit
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+import common
+from common import fail, one_line, print0
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser state
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_optimizer(optimizer, state: dict):
+    """An optimiser's moments from a checkpoint, with THIS run's hyperparameters (lr, betas, eps, weight decay):
+    load_state_dict alone brings back the checkpoint's, so a changed --learning-rate would silently do nothing."""
+    flags = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign optimiser state is one user error
+        fail(f"cannot resume: the checkpoint's optimiser state does not fit this run ({one_line(e, 100)}); resume from "
+             f"another checkpoint")
+    for group, values in zip(optimizer.param_groups, flags):
+        group.update(values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: LoRA (or full UNet) weights in diffusers' format + a training-state file, written atomically
+# ----------------------------------------------------------------------------------------------------
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+STATE_FILE = "training_state.pt"
+
+
+def _tensors(obj):
+    """Every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def save_checkpoint(path: Union[str, Path], unet, state: dict):
+    """Write `path/` = LoRA weights (loadable by `pipe.load_lora_weights(path)`) + training state.
+
+    Only finite weights and state are written: a diverged run stops here in one line and its earlier checkpoints
+    stay the newest. Everything is written into `path.tmp/` and renamed into place only when complete, so a save
+    that is interrupted (killed, disk full) never leaves a half-written checkpoint and never destroys an earlier one.
+    Tensors go to safetensors; the training state (optimizer, epoch, statistics) is a torch file of
+    tensors and plain containers that loads with `weights_only=True`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    bad = [name for name, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad or not all(torch.isfinite(t).all() for t in _tensors(state) if t.is_floating_point()):
+        fail(f"not saving {path.name}: the {'weights (' + bad[0] + ', ...)' if bad else 'training state'} are not finite, "
+             f"the run diverged; lower --learning-rate and resume from an earlier checkpoint, which is intact")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if getattr(unet, "peft_config", None):
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        else:
+            save_file({k: v.contiguous().cpu() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+        torch.save(state, tmp / STATE_FILE)
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # noqa: BLE001 - disk full (torch.save raises RuntimeError), folder made read-only, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else 0
+        fail(f"could not write checkpoint {str(path)!r} ({one_line(e)}; {free:.1f} MB free on its disk); earlier "
+             f"checkpoints are intact: free disk space and resume")
+
+
+def load_checkpoint(path: Union[str, Path], unet) -> dict:
+    """Load weights into `unet` (in place, exactly) and return the training state; fail in one line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        if getattr(unet, "peft_config", None):
+            from diffusers.utils import convert_unet_state_dict_to_peft
+            from peft import set_peft_model_state_dict
+
+            weights = {k.removeprefix("unet."): v for k, v in load_file(path / LORA_FILE).items()}
+            result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+            if getattr(result, "unexpected_keys", None):
+                raise KeyError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
+        else:
+            unet.load_state_dict(load_file(path / "unet.safetensors"))
+        state = TrainingState(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
+        state.path = str(path)
+        return state
+    except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign checkpoint is one user error
+        fail(f"cannot resume from {str(path)!r}: not a complete checkpoint of this model ({one_line(e, 100)})")
+
+
+def checkpoint_folders(run_dir: Union[str, Path]) -> list:
+    """(epoch, folder) of a run folder's `checkpoints/epoch_N`, sorted by the NUMBER N (epoch_10000 after epoch_9999);
+    the `.tmp` and `.old` folders of a save in progress are not checkpoints."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir, "checkpoints").glob("epoch_*")
+             if (m := re.fullmatch(r"epoch_(\d+)", p.name)) and p.is_dir()]
+    return sorted(found, key=lambda item: item[0])
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint folder is not complete, or None, without loading it: the training state must be a whole
+    torch (zip) archive and the weights a safetensors file as long as its header says."""
+    import zipfile
+
+    weights = path / LORA_FILE if (path / LORA_FILE).exists() else path / "unet.safetensors"
+    if not (path / STATE_FILE).is_file() or not weights.is_file():
+        return f"{STATE_FILE} or the weights file is missing"
+    if not zipfile.is_zipfile(path / STATE_FILE):
+        return f"{STATE_FILE} is truncated or not a torch file"
+    try:
+        with open(weights, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if weights.stat().st_size != 8 + header_size + end:
+            return f"{weights.name} is truncated"
+    except Exception as e:  # noqa: BLE001 - any unreadable header is the same damage
+        return f"{weights.name} is unreadable ({one_line(e, 60)})"
+    return None
+
+
+def read_checkpoint(path: Path) -> tuple:
+    """(training state, None) of a complete checkpoint folder, or (None, why it is not)."""
+    problem = checkpoint_problem(path)
+    if problem is None:
+        try:
+            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True), None
+        except Exception as e:  # noqa: BLE001 - a whole archive with damaged contents
+            problem = f"{STATE_FILE} does not load ({one_line(e, 60)})"
+    return None, problem
+
+
+def find_checkpoint(path: Union[str, Path], enabled: bool = True) -> tuple:
+    """(folder, training state) of the checkpoint to resume: `path` if it is a checkpoint folder, else the newest
+    complete one, by epoch number, under the run folder's `checkpoints/`; damaged newer ones are skipped, saying so."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        damaged = []
+        for _, folder in reversed(checkpoint_folders(path)):
+            state, problem = read_checkpoint(folder)
+            if state is not None:
+                if damaged:
+                    print0(f"warning: {'; '.join(damaged)}: resuming from {folder.name}, the newest complete checkpoint",
+                           enabled=enabled, file=sys.stderr)
+                return folder, state
+            damaged.append(f"{folder.name} is damaged ({problem})")
+        if damaged:
+            fail(f"cannot resume from {str(path)!r}: it has no complete checkpoint ({'; '.join(damaged)})")
+    elif path.is_dir() and any((path / name).exists() for name in (STATE_FILE, LORA_FILE, "unet.safetensors")):
+        state, problem = read_checkpoint(path)
+        if state is None:
+            fail(f"cannot resume from {str(path)!r}: not a complete checkpoint ({problem})")
+        return path, state
+    diverged = sorted(p.name for p in path.glob("checkpoints/*.diverged*"))
+    if diverged:
+        fail(f"cannot resume from {str(path)!r}: its only checkpoints were written from diverged weights ({', '.join(diverged)})")
+    fail(f"no checkpoint found at {str(path)!r}: give a checkpoint folder or a run folder that has checkpoints/")
+
+
+class TrainingState(dict):
+    """A checkpoint's training state: a key it lacks (a damaged or foreign file) stops the run in one line."""
+
+    path: str = "the checkpoint"
+
+    def __missing__(self, key):
+        fail(f"cannot resume from {self.path!r}: its training state lacks {key!r} (damaged, or written by another "
+             f"version); resume from an earlier checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment a checkpoint belongs to
+# ----------------------------------------------------------------------------------------------------
+
+# The flags that fix the model's shape: a checkpoint's weights fit only a run with the same values.
+SHAPE_FLAGS = ("model", "lora_rank", "lora_alpha")
+# The flags that may change on resume: where and how often the run writes and logs, how long it runs, how the same
+# computation is executed (device, precision, recomputation, compilation), and the optimisers' settings, which
+# load_optimizer applies over the checkpoint's moments (lowering the learning rate after a divergence is why one
+# resumes an earlier checkpoint). --prompt-file may move: the prompts' text is what is checked.
+FREE_FLAGS = ("exp_name", "run_name", "output_dir", "num_epochs", "save_every", "image_every", "eval_num_steps",
+              "resume", "fork", "track", "wandb_project", "device", "mixed_precision", "gradient_checkpointing",
+              "compile", "learning_rate", "value_learning_rate", "adam_beta1", "adam_beta2", "weight_decay",
+              "adam_epsilon", "max_grad_norm", "prompt_file")
+# Every other flag defines the experiment (the reward and its weights, the prompts, the seed, the sampler, the batch
+# sizes, the algorithm's settings), as does the number of processes (the images per epoch): a resume keeps them,
+# unless --fork says that the change is meant.
+
+
+def shape_flags(args) -> dict:
+    """The SHAPE_FLAGS, with LoRA alpha as it takes effect (the rank when omitted)."""
+    flags = {name: getattr(args, name) for name in SHAPE_FLAGS}
+    if flags["lora_alpha"] is None:
+        flags["lora_alpha"] = float(args.lora_rank)
+    return flags
+
+
+def prompt_source(args) -> str:
+    return f"--prompt-file {args.prompt_file}" if args.prompt_file is not None else f"--prompts {args.prompts}"
+
+
+def experiment(args, processes: int) -> dict:
+    """The values that define the experiment: every flag that is neither a SHAPE_FLAG nor a FREE_FLAG, the number of
+    processes, and, as `prompts`, a hash of the training and evaluation prompts' text (a built-in set may change)."""
+    flags = {name: value for name, value in sorted(vars(args).items()) if name not in SHAPE_FLAGS + FREE_FLAGS}
+    text = "\n".join(common.load_prompts(args.prompts, args.prompt_file)) + "\n\n" + "\n".join(
+        common.load_eval_prompts(args.prompts, args.prompt_file))
+    flags["prompts"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    flags["processes"] = processes
+    return flags
+
+
+def _describe(name: str, value, record: dict) -> str:
+    if name == "prompts":
+        return f"{record.get('prompt_source', '--prompts')} (text sha256 {value})"
+    if name == "processes":
+        return f"{value} processes"
+    return f"--{name.replace('_', '-')} {value}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# One writer per run folder
+# ----------------------------------------------------------------------------------------------------
+
+_HELD = {}  # lock file -> (descriptor, folders created for it), released at exit
+
+
+def lock(run_dir: Path):
+    """Take the run folder's lock, `.NAME.lock` beside it, for this process's life, or stop in one line naming the
+    folder and its owner. The lock is the kernel's (flock): it dies with its owner however the owner ends (killed,
+    out of memory, the machine rebooted), so a lock file left behind is simply taken over, and no live owner is ever
+    second-guessed. The file only names the owner (pid, host, start) for the message. Folders made to hold the lock
+    are removed again if the run ends before writing anything there."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): no lock
+        return
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    created = [p for p in (run_dir.parent, *run_dir.parent.parents) if not p.exists()]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            _remove_empty(created)
+            fail(f"the run folder {str(run_dir)!r} is in use by another run ({owner}); wait for it to end, or "
+                 f"choose another --run-name")
+        try:  # the previous owner may have removed the file between our open and our lock: lock the new one
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _HELD[path] = fd, created
+
+
+def _remove_empty(folders):
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def release():
+    """Release every run-folder lock this process holds: at exit, or after a script run in-process (tests)."""
+    for path, (fd, created) in list(_HELD.items()):
+        try:
+            os.unlink(path)  # while still locked: a process that opened it meanwhile sees a new file and retries
+        except OSError:
+            pass
+        os.close(fd)
+        _remove_empty(created)
+        del _HELD[path]
+
+
+atexit.register(release)
+
+
+@dataclasses.dataclass
+class Run:
+    """One run: its folder, its record, what it resumes, and the divergence checks that guard its checkpoints.
+
+    A non-finite gradient norm (a NaN or inf loss, an overflow in the backward pass) skips the optimiser step and is
+    counted; `patience` of them in a row stop the run. The norm is the one clip_grad_norm_ returns anyway, after the
+    all-reduce, so every process decides the same, with one host sync per optimiser step and none in the timestep loop.
+    Under fp16 a non-finite gradient is the GradScaler's normal overflow while its scale is >= 1 (it skips the step and
+    lowers the scale itself); only below that does it count. Skipped steps leave the weights as they are, so weights that
+    gave a non-finite gradient are never saved, and when the run stops as diverged, the checkpoints written from the
+    same weights are renamed `epoch_N.diverged`: a resume never picks them.
+    """
+
+    dir: Path  # the run folder; the Logger creates it, once the model and any checkpoint have loaded
+    record: dict  # in every checkpoint: the script, the run's id, the run it branched from, its flags and experiment
+    args: object  # the parsed flags (for the messages)
+    checkpoint: Optional[Path] = None  # the checkpoint to resume from
+    enabled: bool = True  # the main process: it writes, renames and prints
+    patience: int = 3
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    current: list = dataclasses.field(default_factory=list)  # checkpoints written from the current weights
+    off_policy_warned: bool = False
+
+    def check_on_policy(self, ratio_dev, clip: float, epoch: int):
+        """Warn once per run, in one line on stderr, when `debug/ratio_dev_at_start` (mean |rho - 1| before the epoch's
+        first update, ~0 on-policy) exceeds clip / 10: sampling and training then evaluate measurably different policies
+        (the precision, a kernel that depends on the batch), and rounding alone starts to fill the clip range
+        (docs/performance.md has the measurements). Called once per epoch with the logged value (one host sync)."""
+        if self.off_policy_warned or not float(ratio_dev) > clip / 10:
+            return
+        self.off_policy_warned = True
+        print0(f"warning: epoch {epoch}: debug/ratio_dev_at_start {float(ratio_dev):.2e} exceeds clip/10 = "
+               f"{clip / 10:.2g}: sampling and training disagree before any update, so rounding fills part of the clip "
+               f"range (try --mixed-precision fp16 or no; docs/performance.md); warned once per run",
+               enabled=self.enabled, file=sys.stderr)
+
+    def step_ok(self, grad_norm, scaler, epoch: int) -> bool:
+        """True if the optimiser step may be taken; False (skip it) if the gradient is not finite."""
+        if torch.isfinite(grad_norm):
+            self.nonfinite_in_a_row, self.current = 0, []  # the step changes the weights
+            return True
+        self.skipped_steps += 1
+        if scaler.is_enabled() and scaler.get_scale() >= 1:
+            return False
+        self.nonfinite_in_a_row += 1
+        print0(f"warning: epoch {epoch}: gradient norm {float(grad_norm)}, optimiser step skipped ({self.nonfinite_in_a_row} "
+               f"in a row, {self.skipped_steps} in this run)", enabled=self.enabled, file=sys.stderr)
+        if self.nonfinite_in_a_row >= self.patience:
+            self.diverged(f"the gradient was not finite in {self.patience} optimiser steps in a row (epoch {epoch})")
+        return False
+
+    def diverged(self, what: str):
+        """Stop: the current weights diverged. Checkpoints written from them are renamed so that resume skips them."""
+        renamed = []
+        for path in self.current if self.enabled else []:
+            target, n = path.with_name(path.name + ".diverged"), 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}.diverged{n}"), n + 1
+            path.rename(target)
+            renamed.append(path.name)
+        note = f"{', '.join(renamed)} held these weights and became *.diverged" if renamed else "no checkpoint holds these weights"
+        fail(f"{what}: the model diverged ({common.divergence_hint(self.args)}); {note}")
+
+    def save(self, epoch: int, unet, state: dict):
+        """This run's checkpoint of `epoch`: checkpoints/epoch_NNNN, its training state carrying the run's record."""
+        path = self.dir / "checkpoints" / f"epoch_{epoch:04d}"
+        if self.nonfinite_in_a_row:
+            self.diverged(f"not saving {path.name}: the weights gave a non-finite gradient at the last optimiser step")
+        save_checkpoint(path, unet, {**state, "record": {**self.record, "keys": sorted(state)}})
+        self.current.append(path)
+
+    def next_step(self) -> str:
+        """What to do after the run was stopped: resume its newest complete checkpoint, or start again."""
+        done = [folder for _, folder in checkpoint_folders(self.dir) if checkpoint_problem(folder) is None]
+        if done:
+            return f"the newest checkpoint is {done[-1]}; continue with the same flags and --resume {self.dir}"
+        return f"no checkpoint was written yet (--save-every {self.args.save_every}); start the run again"
+
+
+def start(args, script: str, dist) -> Run:
+    """Decide, before the model loads, what this run resumes and where it writes; lock that folder; write nothing else.
+
+    --resume takes a checkpoint folder or a run folder (its newest complete checkpoint, by epoch number). The
+    checkpoint must come from the same script, with the same SHAPE_FLAGS and the same experiment (see FREE_FLAGS),
+    below --num-epochs; a mismatch stops in one line naming both values. With --fork the experiment may differ, and
+    the run branches into a new run folder whose record names its parent. The run continues in the checkpoint's run
+    folder when that checkpoint is the newest complete one there; resumed from an OLDER one, it branches into a new
+    run folder next to it, so that no checkpoint is ever overwritten and every run folder holds one history (refusing
+    instead would only make the user choose a folder name). No run writes into a folder that holds another run's
+    checkpoints, or into one that another process holds (`lock`).
+    """
+    enabled = dist.is_main
+    record = dict(script=script, run=uuid.uuid4().hex[:12], parent=None, flags=shape_flags(args),
+                  experiment=experiment(args, dist.world_size), prompt_source=prompt_source(args))
+    if args.fork and not args.resume:
+        fail("--fork branches a resumed run into a new run folder; give --resume too")
+    checkpoint, home, later, changed = None, None, [], []
+    if args.resume:
+        checkpoint, state = find_checkpoint(args.resume, enabled)
+        theirs, where = state.get("record"), f"cannot resume from {str(checkpoint)!r}"
+        if not isinstance(theirs, dict):
+            fail(f"{where}: it does not record the script and flags that wrote it (an older version), so it cannot be "
+                 f"checked; start a new run")
+        if theirs["script"] != script:
+            fail(f"{where}: it was written by {theirs['script']}.py, not {script}.py; resume it with {theirs['script']}.py")
+        for name, value in record["flags"].items():
+            if theirs["flags"].get(name) != value:
+                flag = "--" + name.replace("_", "-")
+                fail(f"{where}: {flag} {value} here, {flag} {theirs['flags'].get(name)} in the checkpoint; the flags that "
+                     f"fix the model's shape must match: pass {flag} {theirs['flags'].get(name)}, or start a new run")
+        if "experiment" not in theirs and not args.fork:
+            fail(f"{where}: it does not record its experiment (reward, prompts, seed, batch sizes: an older version), so "
+                 f"a resume cannot check it; add --fork to resume it into a new run folder anyway")
+        ours, recorded = record["experiment"], theirs.get("experiment", {})
+        changed = [name for name in sorted(set(ours) | set(recorded)) if ours.get(name) != recorded.get(name)]
+        if changed and not args.fork:
+            name, more = changed[0], f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if changed[1:] else ""
+            fail(f"{where}: {_describe(name, ours.get(name), record)} here, {_describe(name, recorded.get(name), theirs)} "
+                 f"in the checkpoint{more}; these define the experiment: pass the checkpoint's values, or add --fork to "
+                 f"branch a new run folder with the change")
+        lacking = [key for key in theirs.get("keys", ()) if key not in state]
+        if lacking:
+            fail(f"{where}: its training state lacks {', '.join(map(repr, lacking))} (damaged); resume from an "
+                 f"earlier checkpoint")
+        if state["epoch"] >= args.num_epochs:
+            fail(f"{where}: it is at epoch {state['epoch']} and --num-epochs is {args.num_epochs}, so there is nothing "
+                 f"to train; raise --num-epochs")
+        if checkpoint.parent.name == "checkpoints":
+            home = checkpoint.parent.parent
+            later = [f.name for e, f in checkpoint_folders(home) if e > state["epoch"] and checkpoint_problem(f) is None]
+    if args.run_name:
+        run_dir = Path(args.output_dir) / args.run_name
+    elif home is not None:
+        run_dir = home.parent / f"{home.name}__from_{checkpoint.name}__{int(time.time())}" if later or args.fork else home
+    else:
+        run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    continuing = home is not None and run_dir.resolve() == home.resolve()
+    if continuing and args.fork:
+        fail(f"--run-name {args.run_name}: --fork branches into a new run folder, and this is the checkpoint's own; "
+             f"leave out --run-name or choose another")
+    if continuing and later:
+        fail(f"--run-name {args.run_name}: resuming from {checkpoint.name} in its own run folder would overwrite its later "
+             f"checkpoints ({', '.join(later)}); leave out --run-name to branch into a new run folder")
+    if enabled:  # the folder is created only once the run can start; check now that it can be, and hold it
+        parent = run_dir
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            fail(f"cannot create the run folder {str(run_dir)!r}: {str(parent)!r} is a file; choose another --output-dir")
+        try:
+            tempfile.TemporaryDirectory(dir=parent).cleanup()
+        except OSError as e:
+            fail(f"cannot create the run folder {str(run_dir)!r}: {str(parent)!r} is not writable ({one_line(e, 60)}); "
+                 f"choose a writable --output-dir")
+        lock(run_dir)  # before the check below, so that two runs starting together cannot both pass it
+    if not continuing and checkpoint_folders(run_dir):
+        fail(f"the run folder {str(run_dir)!r} already holds checkpoints of another run; choose another --run-name, or "
+             f"continue that run with --resume {run_dir}")
+    if continuing:
+        record.update(run=theirs["run"], parent=theirs["parent"])
+    elif checkpoint is not None:
+        record["parent"] = f"{theirs['run']} at {checkpoint}" + (f", changing {', '.join(changed)}" if changed else "")
+        if later:
+            print0(f"{checkpoint.name} is older than its run's newest checkpoint {later[-1]}: this run branches into "
+                   f"{run_dir}, and the later checkpoints stay as they are", enabled=enabled)
+        elif args.fork:
+            print0(f"--fork: this run branches from {checkpoint} into {run_dir}" +
+                   (f", changing {', '.join(changed)}" if changed else ""), enabled=enabled)
+    run = Run(run_dir, record, args, checkpoint, enabled)
+    common.exit_in_one_line(run.next_step, enabled)  # Ctrl-C or a full disk from here on: one line
+    return run
