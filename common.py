@@ -21,8 +21,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -57,25 +59,40 @@ REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 
 
 def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True):
-    """From now on, a Ctrl-C or a write the machine refuses ends the process with one line on stderr, ending with
-    `next_step()` (what to do now), instead of a traceback. Any other exception keeps its traceback: it is a bug.
-    (A sys.excepthook: it runs once the exception has unwound the program, so every `finally` has run.)"""
+    """From now on, a Ctrl-C, a SIGTERM or a write the machine refuses ends the process with one line on stderr,
+    ending with `next_step()` (what to do now), instead of a traceback. Any other exception keeps its traceback: it is
+    a bug. (A sys.excepthook: it runs once the exception has unwound the program, so every `finally` has run. A refused
+    write in a background writer thread is left to the main thread, to which TensorBoard's writer re-raises it.)"""
     previous = sys.excepthook
 
     def hook(kind, error, traceback):
         if issubclass(kind, KeyboardInterrupt):
-            what = "interrupted"
+            what = f"interrupted{' by SIGTERM' if str(error) == 'SIGTERM' else ''}"
         elif issubclass(kind, OSError) and error.errno in REFUSED_WRITES:
             where = Path(error.filename).parent if error.filename else Path.cwd()
             while not where.exists() and where != where.parent:
                 where = where.parent
-            what = f"a write failed ({one_line(error)}; {shutil.disk_usage(where).free / 1e6:.1f} MB free on its disk)"
+            try:
+                free = f"; {shutil.disk_usage(where).free / 1e6:.1f} MB free on its disk"
+            except OSError:
+                free = ""
+            what = f"a write failed ({one_line(error)}{free})"
         else:
             return previous(kind, error, traceback)
         if enabled:
             print(f"\nerror: {what}; {next_step()}", file=sys.stderr, flush=True)
 
-    sys.excepthook = hook
+    def thread_hook(info):  # a writer thread (TensorBoard's) that fails hands its error to the main thread's next write
+        if not (issubclass(info.exc_type, OSError) and info.exc_value.errno in REFUSED_WRITES):
+            previous_thread_hook(info)
+
+    sys.excepthook, previous_thread_hook, threading.excepthook = hook, threading.excepthook, thread_hook
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (a scheduler, torchrun, a study) as Ctrl-C:
+        signal.signal(signal.SIGTERM, _terminated)  # the run unwinds, releases its folder and says how to continue
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
 
 
 # ----------------------------------------------------------------------------------------------------

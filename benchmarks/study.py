@@ -9,16 +9,24 @@ band of one std over seeds, one line per method), and LOOP's final reward agains
     python benchmarks/study.py --quick          # a smoke test of the whole pipeline in a few minutes
     python benchmarks/study.py --jobs 1         # one run at a time (2 threads each) instead of two (1 each)
 
-Finished runs are skipped on a rerun (delete the run folder to redo one); an interrupted run starts over.
+A run's folder is named by its configuration, its seed and a hash of its full command line, which done.json
+records: a rerun reuses a finished run only when the command it would run now is the same, and a run made with other
+flags (a different --num-steps, say) sits in a folder of its own and is never mixed into the table. An interrupted
+run starts over. Stopping the study (Ctrl-C, SIGTERM) stops the runs it started before it exits.
 """
 
 import csv
+import hashlib
 import itertools
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -95,14 +103,27 @@ class Run:
     evals: list = field(default_factory=list)  # (epoch, images, seconds, reward)
 
 
-def command(run: Run, args: Args) -> list:
-    batch = min(16, run.images_per_epoch)  # sampling batches of 16 (fewer only for an epoch of fewer images)
-    return [sys.executable, str(ROOT / f"{run.script}.py"), "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
+def experiment(name: str, seed: int, args: Args) -> list:
+    """The script and every flag of a run except where it writes: what makes two runs the same run."""
+    script, flags = CONFIGS[name]
+    epochs = args.images // args.images_per_epoch
+    batch = min(16, args.images_per_epoch)  # sampling batches of 16 (fewer only for an epoch of fewer images)
+    return [f"{script}.py", "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
             "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", "3e-3",
-            "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(run.images_per_epoch // batch), *run.flags,
-            "--num-epochs", str(run.epochs),
-            "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every", "0", "--seed", str(run.seed),
-            "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
+            "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(args.images_per_epoch // batch), *flags,
+            "--num-epochs", str(epochs), "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every", "0",
+            "--seed", str(seed)]
+
+
+def command(run: Run, args: Args) -> list:
+    script, *flags = experiment(run.name, run.seed, args)
+    return [sys.executable, str(ROOT / script), *flags, "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
+
+
+def run_folder(out: Path, name: str, seed: int, args: Args) -> Path:
+    """OUT/runs/NAME__SEED__HASH, the hash of the run's experiment (its command line but for where it writes)."""
+    key = hashlib.sha256(json.dumps(experiment(name, seed, args)).encode()).hexdigest()[:8]
+    return out / "runs" / f"{name}__{seed}__{key}"
 
 
 def unet_rows_per_epoch(run: Run, args: Args) -> int:
@@ -117,25 +138,58 @@ def unet_rows_per_epoch(run: Run, args: Args) -> int:
     return sampling + run.images_per_epoch * args.num_steps * 2
 
 
-def finished(run: Run) -> bool:
-    return (run.dir / "checkpoints" / f"epoch_{run.epochs:04d}").exists() and (run.dir / "done.json").exists()
+def finished(run: Run, args: Args) -> bool:
+    """The run's last checkpoint exists and done.json records the command it would run now."""
+    try:
+        done = json.loads((run.dir / "done.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (run.dir / "checkpoints" / f"epoch_{run.epochs:04d}").exists() and \
+        done.get("experiment") == experiment(run.name, run.seed, args)
+
+
+CHILDREN = set()  # the runs in progress (subprocess.Popen), stopped with the study
+STOPPING = threading.Event()
+
+
+def stop(signum, frame):
+    """SIGINT or SIGTERM: stop the runs in progress (SIGTERM, then SIGKILL after 10 s), then exit 128 + signum."""
+    STOPPING.set()
+    for child in list(CHILDREN):
+        child.terminate()
+    deadline = time.time() + 10
+    for child in list(CHILDREN):
+        try:
+            child.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    print(f"error: stopped by {signal.Signals(signum).name}, with the runs in progress; the finished runs are kept: "
+          f"the same command continues the study", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def execute(run: Run, args: Args, threads: int, log) -> Run:
-    if finished(run):
+    if finished(run, args):
         run.seconds = json.loads((run.dir / "done.json").read_text())["seconds"]
         log(f"skip {run.dir.name} (finished)")
         return run
-    import shutil
-
     shutil.rmtree(run.dir, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.time()
-    proc = subprocess.run(command(run, args), cwd=ROOT, env=env, capture_output=True, text=True)
+    if STOPPING.is_set():
+        return run
+    proc = subprocess.Popen(command(run, args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    CHILDREN.add(proc)
+    if STOPPING.is_set():  # started as the study was being stopped
+        proc.terminate()
+    _, err = proc.communicate()
+    CHILDREN.discard(proc)
     if proc.returncode != 0:
-        raise SystemExit(f"error: {run.dir.name} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"error: {run.dir.name} failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
     run.seconds = time.time() - t0
-    (run.dir / "done.json").write_text(json.dumps({"seconds": run.seconds, "command": command(run, args)}))
+    (run.dir / "done.json").write_text(json.dumps({"seconds": run.seconds, "experiment": experiment(run.name, run.seed, args),
+                                                   "command": command(run, args)}))
     log(f"done {run.dir.name} in {run.seconds:.0f} s")
     return run
 
@@ -241,11 +295,20 @@ def main(args: Args):
         raise SystemExit("error: --images must be a positive multiple of --images-per-epoch, itself a multiple of 16")
     if args.eval_every < 1 or args.jobs < 1 or args.num_steps < 1 or not args.seeds:
         raise SystemExit("error: --eval-every, --jobs and --num-steps must be at least 1, and --seeds must name one")
+    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"error: --out {out}: {existing} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out).cleanup()
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} is not writable ({type(e).__name__}: {e.strerror}); choose another --out")
     epochs = args.images // args.images_per_epoch
-    runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], out / "runs" / f"{n}__{s}", epochs, args.images_per_epoch)
+    runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], run_folder(out, n, s, args), epochs, args.images_per_epoch)
             for s, n in itertools.product(args.seeds, names)]
     threads = max(1, 2 // args.jobs)
-    out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     done = [0]
 
     def log(msg):

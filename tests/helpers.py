@@ -1,9 +1,12 @@
 """Running the scripts as a user does (subprocess, tiny model, CPU) and reading what they wrote."""
 
+import contextlib
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -46,15 +49,23 @@ def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int 
     return proc
 
 
-def run_here(script: str) -> dict:
-    """`python script.py` with the current sys.argv, in this process; its globals when it ends. What the end of its
-    own process would do is done here too: its run-folder locks are released, and its sys.excepthook is undone."""
-    hook = sys.excepthook
+@contextlib.contextmanager
+def as_a_process():
+    """Around a script's main run in this process: what the end of its own process would do is done here too. Its
+    run-folder locks are released, and the exception and SIGTERM handlers it installed are undone."""
+    hooks, sigterm = (sys.excepthook, threading.excepthook), signal.getsignal(signal.SIGTERM)
     try:
-        return runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+        yield
     finally:
         runs.release()
-        sys.excepthook = hook
+        sys.excepthook, threading.excepthook = hooks
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def run_here(script: str) -> dict:
+    """`python script.py` with the current sys.argv, in this process (as_a_process); its globals when it ends."""
+    with as_a_process():
+        return runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
 
 
 def run_main(script: str, *args) -> dict:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import as_a_process
 
 import common
 import rewards
@@ -181,15 +182,19 @@ def test_pretraining_learning_rate_warms_up_holds_then_decays_to_a_tenth():
     (["--unet-decay", "1.5"], "--unet-decay"), (["--ema", "1"], "--ema"), (["--unet-lr", "nan"], "--unet-lr"),
     (["--vae-steps", "0"], "--vae-steps"), (["--device", "tpu0"], "--device"),
     (["--resume-vae", "/nonexistent"], "--resume-vae"),
+    (["--resume-vae", "{empty}"], "no complete vae/ folder there"),  # a folder with an empty vae/ (issue 23)
+    (["--eval-steps", "5000"], "--eval-steps 5000: must be at most 1000"),
     (["--out", str(world.MODEL_DIR)], "already holds files (the committed model); add --overwrite"),
     (["--out", str(world.MODEL_DIR / "model_index.json")], "is a file"),
     *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")])])
-def test_pretraining_refuses_bad_flags_in_one_line(flags, words):
+def test_pretraining_refuses_bad_flags_in_one_line(flags, words, tmp_path):
     import subprocess
     import sys
 
     from helpers import OFFLINE, ROOT
 
+    (tmp_path / "vae").mkdir()
+    flags = [flag.format(empty=tmp_path) for flag in flags]
     proc = subprocess.run([sys.executable, "-m", "world.pretrain", "--out", "/nonexistent/out", *flags], cwd=ROOT,
                           env=OFFLINE, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -216,13 +221,14 @@ def test_a_stopped_pretraining_run_leaves_its_output_as_it_was(tmp_path, monkeyp
     try:
         with torch.random.fork_rng(devices=[]):
             monkeypatch.setattr(pretrain, "judge_model", stop)
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(KeyboardInterrupt), as_a_process():
                 pretrain.main(pretrain.Args(out=str(out), overwrite=True, **TINY_PRETRAIN))
             assert [p.name for p in out.iterdir()] == ["model_index.json"]
             assert (out / "model_index.json").read_text() == "the earlier model"
             assert (tmp_path / ".m.partial" / "vae").is_dir()  # the stopped run's work, beside --out, not in it
             monkeypatch.undo()
-            pretrain.main(pretrain.Args(out=str(out), overwrite=True, vae_only=True, **TINY_PRETRAIN))
+            with as_a_process():
+                pretrain.main(pretrain.Args(out=str(out), overwrite=True, vae_only=True, **TINY_PRETRAIN))
     finally:
         torch.set_num_threads(threads)
     assert (out / "vae").is_dir() and not (out / "model_index.json").exists()

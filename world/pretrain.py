@@ -118,8 +118,13 @@ def check(args: Args):
         torch.device(args.device)
     except RuntimeError:
         need(False, f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    need(args.resume_vae is None or (Path(args.resume_vae) / "vae").is_dir(),
-         f"--resume-vae {args.resume_vae}: no vae/ folder there (give a folder this script wrote)")
+    vae = Path(args.resume_vae or ".") / "vae"
+    need(args.resume_vae is None or ((vae / "config.json").is_file() and any(vae.glob("diffusion_pytorch_model.*"))),
+         f"--resume-vae {args.resume_vae}: no complete vae/ folder there (config.json and weights; give a folder this "
+         f"script wrote)")
+    timesteps = common.ddim_scheduler().config.num_train_timesteps
+    need(args.eval_steps <= timesteps, f"--eval-steps {args.eval_steps}: must be at most {timesteps}, the model's "
+         f"training timesteps")
     need(not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device}: torch sees no CUDA GPU on this machine; use --device cpu")
     out = Path(args.out)
@@ -234,6 +239,8 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     out, tmp = Path(args.out), staging(Path(args.out))  # every stage writes into tmp; out changes only at the end
+    common.exit_in_one_line(lambda: f"--out {out} is as it was; run again to start over (the staging folder {tmp.name} "
+                                    f"is cleared then)")  # Ctrl-C, SIGTERM or a full disk: one line
     pipe = common._offline_pipeline(common.TINY, seed=0)  # its text encoder (frozen) and tokenizer are kept
     pipe.text_encoder.to(args.device)
     t_start = time.time()
@@ -243,7 +250,11 @@ def main(args: Args):
     if args.resume_vae:
         from diffusers import AutoencoderKL
 
-        pipe.vae = AutoencoderKL.from_pretrained(args.resume_vae, subfolder="vae").to(args.device)
+        try:
+            pipe.vae = AutoencoderKL.from_pretrained(args.resume_vae, subfolder="vae").to(args.device)
+        except (OSError, ValueError, RuntimeError) as e:  # a damaged folder: one line, as for every flag
+            raise SystemExit(f"world.pretrain: --resume-vae {args.resume_vae}: its vae/ does not load "
+                             f"({common.one_line(e, 100)}); give a folder this script wrote")
         pipe.vae.requires_grad_(False).eval()
     else:
         with torch.random.fork_rng():
