@@ -51,6 +51,7 @@ def timed(fn, device):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    common.exit_in_one_line(lambda: "nothing was written; run it again")  # Ctrl-C: one line
     precision = common.resolve_precision(args.mixed_precision, device)
     common.speed_flags(device)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=0)

@@ -276,7 +276,8 @@ if __name__ == "__main__":
         common.fail("--batch >= 1, --warmup >= 0, --num-steps in [1, 1000] and --timestep-fraction in (0, 1] are required")
     if args.train_batch_size is not None and not (1 <= args.train_batch_size and args.batch % args.train_batch_size == 0):
         common.fail(f"--train-batch-size {args.train_batch_size} must divide --batch {args.batch}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.setup_distributed(args.device).device  # one line for a device that is not there
+    common.exit_in_one_line(lambda: "nothing was written; run it again")  # Ctrl-C: one line
     precision = common.resolve_precision(args.mixed_precision, device)
     hp = ppo.Args()  # ppo.py's defaults: clip, AdamW settings, gradient-norm clip, advantage statistics
     num_train = max(1, int(args.num_steps * args.timestep_fraction))
@@ -284,8 +285,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     load_average = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
 
-    reward_fn = common.CheckedReward(rewards.make(args.reward, device), args.reward)
     prompts = common.load_prompts(hp.prompts)
+    reward_fn = common.CheckedReward(rewards.make(args.reward, device, prompts=prompts), args.reward)
     pipe = load(args, precision, device)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D)
     params = common.trainable_parameters(pipe.unet)
