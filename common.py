@@ -128,6 +128,7 @@ FLAG_RULES = {
     "clip": ("> 0 (a negative range drops the gradient of every ratio on one side)", lambda v: v > 0),
     "adv_clip_max": ("> 0 (a negative bound sets every advantage to it)", lambda v: v > 0),
     "timestep_fraction": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "timesteps_per_call": ("an integer >= 1, or omitted for the device's default", lambda v: v is None or v >= 1),
     "beta": ("a finite number >= 0 (0 turns the KL term off)", lambda v: math.isfinite(v) and v >= 0),
 }
 
@@ -464,7 +465,19 @@ def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_ste
     Same guided eps and same w as sampling (DDPO: training without CFG degrades quickly).
     Returns (log_prob (B,), eps_hat (B, C, h, w)) so that methods with a KL term can reuse eps_hat (converted
     from v_hat for a v-prediction model).
+
+    `latents` and `next_latents` may also be (B, n, C, h, w) with `t` (B, n): n transitions of each of B trajectories
+    (a minibatch's trained timesteps) in ONE UNet call of B n rows (2 B n with CFG), each row with its own timestep and
+    its trajectory's prompt; log_prob and eps_hat then come back as (B, n) and (B, n, C, h, w). The rows are
+    independent, so this equals n calls of B rows up to float rounding (a small model on a CPU is latency-bound: one
+    large call is faster).
     """
+    if latents.dim() == 5:
+        b, n = latents.shape[:2]
+        log_prob, eps = step_log_prob(pipe, latents.flatten(0, 1), next_latents.flatten(0, 1), t.flatten(),
+                                      embeds.repeat_interleave(n, dim=0), neg_embeds, num_steps=num_steps,
+                                      guidance=guidance, eta=eta)
+        return log_prob.view(b, n), eps.view(b, n, *eps.shape[1:])
     output = guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance)
     _, log_prob, _ = ddim_step(pipe.scheduler, output, t, latents, num_steps=num_steps, eta=eta, prev_sample=next_latents)
     return log_prob, predicted_eps(pipe.scheduler, output, t, latents)

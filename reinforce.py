@@ -110,6 +110,9 @@ class Args:
     """trajectories per training minibatch per process (gradients of all minibatches are accumulated)"""
     timestep_fraction: float = 1.0
     """train on this fraction of each trajectory's steps (a random subset per trajectory)"""
+    timesteps_per_call: Optional[int] = None
+    """trained timesteps of each trajectory evaluated in one UNet call (default: all on a CPU, where one large call is
+    faster; 1 on a GPU, the reference's loop and memory); any value gives the same gradient up to float rounding"""
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,6 +143,7 @@ if __name__ == "__main__":
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = 1  # strictly on-policy: the gradient of the whole epoch, then one step
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
+    chunk = args.timesteps_per_call or (num_train_timesteps if device.type == "cpu" else 1)  # per UNet call
     if samples_per_process % args.train_batch_size:
         common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
                     f"into minibatches of --train-batch-size {args.train_batch_size}")
@@ -250,17 +254,19 @@ if __name__ == "__main__":
                 rows = idx[:, None]
                 latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
                 old_log_probs, adv, embeds = samples["log_probs"][rows, steps], samples["advantages"][idx], samples["embeds"][idx]
-                for j in range(num_train_timesteps):
-                    with common.autocast(device, precision):
-                        log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], timesteps[steps[:, j]],
+                for j in range(0, num_train_timesteps, chunk):  # `chunk` trained timesteps per UNet call
+                    js = slice(j, j + chunk)
+                    with common.autocast(device, precision):  # (b, n): n timesteps of each trajectory
+                        log_prob, _ = common.step_log_prob(pipe, latents[:, js], next_latents[:, js], timesteps[steps[:, js]],
                                                            embeds, neg_embeds, **sample_kw)
-                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, j], adv)
-                    scaler.scale(loss / (minibatches * num_train_timesteps)).backward()
-                    info["policy_loss"].append(loss.detach())
-                    info["approx_kl"].append(approx_kl)
-                    info["clipfrac"].append(clipfrac)
+                    n = log_prob.shape[1]
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, js], adv[:, None])
+                    scaler.scale(loss * n / (minibatches * num_train_timesteps)).backward()
+                    info["policy_loss"].append(loss.detach().expand(n))  # each chunk weighted by its timesteps
+                    info["approx_kl"].append(approx_kl.expand(n))
+                    info["clipfrac"].append(clipfrac.expand(n))
                     if inner == 0:
-                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, j]) - 1).abs().mean())
+                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, js]) - 1).abs().flatten())
                 if m + 1 == minibatches:
                     common.average_gradients(params)
                     scaler.unscale_(optimizer)
@@ -272,11 +278,11 @@ if __name__ == "__main__":
                     global_step += 1
 
         # LOGGING AND CHECKPOINTS
-        metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
+        metrics = {f"losses/{k}": torch.cat(v).mean() for k, v in info.items()}
         metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
-                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
+                        "debug/ratio_dev_at_start": torch.cat(ratio_dev).mean(),
                         "debug/skipped_steps": run.skipped_steps})
         reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})

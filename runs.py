@@ -224,7 +224,7 @@ SHAPE_FLAGS = ("model", "lora_rank", "lora_alpha")
 # resumes an earlier checkpoint). --prompt-file may move: the prompts' text is what is checked.
 FREE_FLAGS = ("exp_name", "run_name", "output_dir", "num_epochs", "save_every", "image_every", "eval_num_steps",
               "resume", "fork", "track", "wandb_project", "device", "mixed_precision", "gradient_checkpointing",
-              "compile", "learning_rate", "value_learning_rate", "adam_beta1", "adam_beta2", "weight_decay",
+              "compile", "timesteps_per_call", "learning_rate", "value_learning_rate", "adam_beta1", "adam_beta2", "weight_decay",
               "adam_epsilon", "max_grad_norm", "prompt_file")
 # Every other flag defines the experiment (the reward and its weights, the prompts, the seed, the sampler, the batch
 # sizes, the algorithm's settings), as does the number of processes (the images per epoch): a resume keeps them,

@@ -117,6 +117,9 @@ class Args:
     """passes over each epoch's samples"""
     timestep_fraction: float = 1.0
     """train on this fraction of each trajectory's steps (a random subset per trajectory)"""
+    timesteps_per_call: Optional[int] = None
+    """trained timesteps of each trajectory evaluated in one UNet call (default: all on a CPU, where one large call is
+    faster; 1 on a GPU, the reference's loop and memory); any value gives the same gradient up to float rounding"""
     clip: float = 1.5e-5  # SaA
     """PPO clip range epsilon on the per-step ratio (the authors' 1.5e-5)"""
     adv_clip_max: float = 5.0
@@ -252,6 +255,7 @@ if __name__ == "__main__":
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
+    chunk = args.timesteps_per_call or (num_train_timesteps if device.type == "cpu" else 1)  # per UNet call
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
         common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
                     f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
@@ -407,17 +411,19 @@ if __name__ == "__main__":
                 latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
                 old_log_probs, embeds = samples["log_probs"][rows, steps], samples["embeds"][idx]
                 adv = samples["advantages"][rows, steps]  # SaA: (b, T_train), one advantage per step
-                for j in range(num_train_timesteps):
-                    with common.autocast(device, precision):
-                        log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], timesteps[steps[:, j]],
+                for j in range(0, num_train_timesteps, chunk):  # `chunk` trained timesteps per UNet call
+                    js = slice(j, j + chunk)
+                    with common.autocast(device, precision):  # (b, n): n timesteps of each trajectory
+                        log_prob, _ = common.step_log_prob(pipe, latents[:, js], next_latents[:, js], timesteps[steps[:, js]],
                                                            embeds, neg_embeds, **sample_kw)
-                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, j], adv[:, j], args.clip)  # SaA
-                    scaler.scale(loss / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
-                    info["policy_loss"].append(loss.detach())
-                    info["approx_kl"].append(approx_kl)
-                    info["clipfrac"].append(clipfrac)
+                    n = log_prob.shape[1]
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, js], adv[:, js], args.clip)  # SaA
+                    scaler.scale(loss * n / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
+                    info["policy_loss"].append(loss.detach().expand(n))  # each chunk weighted by its timesteps
+                    info["approx_kl"].append(approx_kl.expand(n))
+                    info["clipfrac"].append(clipfrac.expand(n))
                     if inner == 0 and m < args.gradient_accumulation_steps:
-                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, j]) - 1).abs().mean())
+                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, js]) - 1).abs().flatten())
                 if (m + 1) % args.gradient_accumulation_steps == 0:
                     common.average_gradients(params)
                     scaler.unscale_(optimizer)
@@ -429,11 +435,11 @@ if __name__ == "__main__":
                     global_step += 1
 
         # LOGGING AND CHECKPOINTS
-        metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
+        metrics = {f"losses/{k}": torch.cat(v).mean() for k, v in info.items()}
         metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
                         "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
-                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
+                        "debug/ratio_dev_at_start": torch.cat(ratio_dev).mean(),
                         "debug/skipped_steps": run.skipped_steps, "debug/value_at_start": values[:, 0].mean()})  # SaA: V(t_0, x_T)
         if value_losses:  # SaA
             metrics["losses/value_loss"] = torch.stack(value_losses).mean()

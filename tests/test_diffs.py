@@ -9,8 +9,10 @@ from helpers import ROOT
 # Changed lines (`diff a b | grep -c '^[<>]'`), set from the scripts as written; a later edit that widens a
 # diff must raise its budget here on purpose. The headers and docstrings account for ~20 lines of each.
 # reinforce/ppo +1: the on-policy warning (issue 14) is in the scripts that have a clip range, and reinforce.py has none.
+# ppo/dpok +10 (issue 20): DPOK trains on buffer transitions, one UNet call per micro-batch already, so it has no
+# --timesteps-per-call and no loop over chunks of a trajectory's timesteps.
 BUDGETS = {("reinforce", "ppo"): 111, ("ppo", "loop"): 70, ("ppo", "score_as_action"): 250,
-           ("ppo", "dpok"): 340}
+           ("ppo", "dpok"): 350}
 SCRIPTS = ["reinforce", "ppo", "loop", "dpok", "score_as_action"]
 
 
