@@ -354,11 +354,15 @@ def adapters_disabled(unet):
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], pooled: bool = False):
     """CLIP text embeddings, padded to the tokenizer's 77 tokens: (B, 77, D); with `pooled`, also the pooled
-    embedding (the last hidden state at the end-of-text token), (B, D), from the same forward."""
-    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+    embedding (the last hidden state at the end-of-text token), (B, D), from the same forward. Each distinct prompt
+    is encoded once (K images of a prompt share its embedding) and the rows are copied into place."""
+    unique = list(dict.fromkeys(prompts))
+    ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     out = pipe.text_encoder(ids.to(pipe.text_encoder.device))
-    return (out[0], out[1]) if pooled else out[0]
+    position = {prompt: i for i, prompt in enumerate(unique)}
+    where = torch.tensor([position[p] for p in prompts], device=out[0].device)
+    return (out[0][where], out[1][where]) if pooled else out[0][where]
 
 
 def guided_noise(unet, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:

@@ -59,6 +59,8 @@ class Args:
     """DDIM steps per trajectory"""
     timestep_fraction: float = 1.0
     """train on this fraction of each trajectory's steps, as ppo.py's flag"""
+    timesteps_per_call: Optional[int] = None
+    """trained timesteps of each trajectory per UNet call, as the scripts' flag (default: all on a CPU, 1 on a GPU)"""
     guidance: float = 5.0
     """classifier-free guidance scale w"""
     eta: float = 1.0
@@ -181,16 +183,18 @@ def train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoc
         idx = perm[m * tb : (m + 1) * tb]
         steps, rows = step_perm[idx], idx[:, None]  # (tb, T_train)
         latents, next_latents, old = traj.latents[rows, steps], traj.latents[rows, steps + 1], traj.log_probs[rows, steps]
-        for j in range(num_train):
+        chunk = args.timesteps_per_call or (num_train if device.type == "cpu" else 1)  # as the scripts choose
+        for j in range(0, num_train, chunk):
+            js = slice(j, j + chunk)
             with common.autocast(device, precision):
-                log_prob, _ = common.step_log_prob(pipe, latents[:, j], next_latents[:, j], traj.timesteps[steps[:, j]],
+                log_prob, _ = common.step_log_prob(pipe, latents[:, js], next_latents[:, js], traj.timesteps[steps[:, js]],
                                                    embeds[idx], neg_embeds, num_steps=args.num_steps,
-                                                   guidance=args.guidance, eta=args.eta)
+                                                   guidance=args.guidance, eta=args.eta)  # (tb, n)
             if scaler is not None:
-                loss, _, _ = ppo.policy_loss(log_prob, old[:, j], advantages[idx], hp.clip)
-                scaler.scale(loss / (b // tb * num_train)).backward()
-            deviation.append((torch.exp(log_prob.detach() - old[:, j]) - 1).abs())
-            at.append(steps[:, j])
+                loss, _, _ = ppo.policy_loss(log_prob, old[:, js], advantages[idx][:, None], hp.clip)
+                scaler.scale(loss * log_prob.shape[1] / (b // tb * num_train)).backward()
+            deviation.append((torch.exp(log_prob.detach() - old[:, js]) - 1).abs().flatten())
+            at.append(steps[:, js].flatten())
     return torch.cat(deviation), torch.cat(at)
 
 
@@ -355,7 +359,9 @@ if __name__ == "__main__":
           f"load_average={load_average[0]:.2f},{load_average[1]:.2f},{load_average[2]:.2f}")
     print(f"precision={PRECISION_NAMES[precision]} batch={args.batch} train_batch_size={args.train_batch_size or args.batch} "
           f"(CFG: the UNet sees twice as many rows) "
-          f"num_steps={args.num_steps} trained_steps={num_train} guidance={args.guidance} eta={args.eta} "
+          f"num_steps={args.num_steps} trained_steps={num_train} "
+          f"timesteps_per_call={args.timesteps_per_call or (num_train if device.type == 'cpu' else 1)} "
+          f"guidance={args.guidance} eta={args.eta} "
           f"lora_rank={args.lora_rank} gradient_checkpointing={args.gradient_checkpointing} compile={args.compile} "
           f"channels_last={args.channels_last} warmup={args.warmup}")
     print(f"torch {torch.__version__}; attention processors: {', '.join(attention)} (AttnProcessor2_0 = torch SDPA); "

@@ -37,6 +37,19 @@ def test_step_log_prob_on_b_by_n_transitions_equals_one_call_per_transition(tiny
         assert (other[0] - log_prob[0, 0]).abs() > 10 * NETWORK_RTOL * log_prob[0, 0].abs()  # the prompt matters (~100x)
 
 
+def test_each_distinct_prompt_is_encoded_once(tiny, monkeypatch):
+    calls = []
+    encoder = tiny.text_encoder.forward
+    monkeypatch.setattr(tiny.text_encoder, "forward", lambda ids, *a, **k: calls.append(len(ids)) or encoder(ids, *a, **k))
+    prompts = ["a red cat", "a green dog", "a red cat", "a red cat"]
+    embeds, pooled = common.encode_prompts(tiny, prompts, pooled=True)
+    assert calls == [2] and embeds.shape[0] == pooled.shape[0] == 4
+    assert torch.equal(embeds[0], embeds[2]) and torch.equal(embeds[0], embeds[3]) and torch.equal(pooled[0], pooled[3])
+    alone = common.encode_prompts(tiny, ["a green dog"])
+    assert_close_normwise(embeds[1], alone[0])
+    assert not torch.allclose(embeds[0], embeds[1])
+
+
 # Two minibatches of 2 trajectories, 4 timesteps, one optimiser step: the gradient is recovered exactly from AdamW's
 # first moment, exp_avg = (1 - beta1) g (tests/test_scripts.py's torchrun test does the same). Different prompts
 # within a minibatch where the method allows (K = 1, or K = 2 for the leave-one-out methods).
