@@ -54,8 +54,9 @@ def one_line(error: BaseException, limit: int = 160) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
-# A write the machine refused: disk full, over quota, read-only, no permission, over the file-size limit, I/O error.
-REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+# A write the machine refused: disk full, over quota, read-only file system, over the file-size limit. (Permission
+# and I/O errors also come from reads, of a model or reward weights: those keep their own messages or tracebacks.)
+REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True):
@@ -81,6 +82,8 @@ def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True):
             return previous(kind, error, traceback)
         if enabled:
             print(f"\nerror: {what}; {next_step()}", file=sys.stderr, flush=True)
+        elif not issubclass(kind, KeyboardInterrupt):  # another process of a torchrun job: its own cause, named
+            print(f"\nerror (process {os.environ.get('RANK', '?')}): {what}", file=sys.stderr, flush=True)
 
     def thread_hook(info):  # a writer thread (TensorBoard's) that fails hands its error to the main thread's next write
         if not (issubclass(info.exc_type, OSError) and info.exc_value.errno in REFUSED_WRITES):
@@ -89,6 +92,7 @@ def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True):
     sys.excepthook, previous_thread_hook, threading.excepthook = hook, threading.excepthook, thread_hook
     if threading.current_thread() is threading.main_thread():  # SIGTERM (a scheduler, torchrun, a study) as Ctrl-C:
         signal.signal(signal.SIGTERM, _terminated)  # the run unwinds, releases its folder and says how to continue
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`cmd &`)
 
 
 def _terminated(signum, frame):

@@ -291,7 +291,7 @@ if __name__ == "__main__":
     if checkpoint:
         state = runs.load_checkpoint(checkpoint, pipe.unet)
         runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
-        scaler.load_state_dict(state["scaler"])
+        runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # DPOK
         eval_before = state["eval_before"]
         value_net.load_state_dict(state["value_net"])  # DPOK

@@ -31,8 +31,15 @@ import common
 from common import fail, one_line, print0
 
 # ----------------------------------------------------------------------------------------------------
-# Optimiser state
+# Optimiser and GradScaler state
 # ----------------------------------------------------------------------------------------------------
+
+
+def load_scaler(scaler, state: dict):
+    """The fp16 GradScaler's scale from a checkpoint, when this run uses one and the checkpoint's did: --mixed-precision
+    may change on resume (a run saved in fp32 has an empty state; a run resumed in fp32 needs none)."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
 
 
 def load_optimizer(optimizer, state: dict):
@@ -279,6 +286,7 @@ def lock(run_dir: Path):
         import fcntl
     except ImportError:  # no flock on this platform (Windows): no lock
         return
+    run_dir = run_dir.resolve()  # a symlink to the folder locks the folder itself
     path = run_dir.parent / f".{run_dir.name}.lock"
     created = [p for p in (run_dir.parent, *run_dir.parent.parents) if not p.exists()]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -461,13 +469,13 @@ def start(args, script: str, dist) -> Run:
     if args.run_name:
         run_dir = Path(args.output_dir) / args.run_name
     elif home is not None:
-        run_dir = home.parent / f"{home.name}__from_{checkpoint.name}__{int(time.time())}" if later or args.fork else home
+        run_dir = home.parent / f"{home.name}__from_{checkpoint.name}__{int(time.time())}" if later or changed else home
     else:
         run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
     continuing = home is not None and run_dir.resolve() == home.resolve()
-    if continuing and args.fork:
-        fail(f"--run-name {args.run_name}: --fork branches into a new run folder, and this is the checkpoint's own; "
-             f"leave out --run-name or choose another")
+    if continuing and changed:
+        fail(f"--run-name {args.run_name}: --fork branches a changed experiment into a new run folder, and this is the "
+             f"checkpoint's own; leave out --run-name or choose another")
     if continuing and later:
         fail(f"--run-name {args.run_name}: resuming from {checkpoint.name} in its own run folder would overwrite its later "
              f"checkpoints ({', '.join(later)}); leave out --run-name to branch into a new run folder")
@@ -482,7 +490,10 @@ def start(args, script: str, dist) -> Run:
         except OSError as e:
             fail(f"cannot create the run folder {str(run_dir)!r}: {str(parent)!r} is not writable ({one_line(e, 60)}); "
                  f"choose a writable --output-dir")
-        lock(run_dir)  # before the check below, so that two runs starting together cannot both pass it
+        lock(run_dir)  # before the checks below, so that two runs starting together cannot both pass them
+    if continuing and any(e > state["epoch"] and checkpoint_problem(f) is None for e, f in checkpoint_folders(home)):
+        fail(f"{str(home)!r} got a checkpoint newer than {checkpoint.name} while this run started (its previous run "
+             f"was still saving); resume again")
     if not continuing and checkpoint_folders(run_dir):
         fail(f"the run folder {str(run_dir)!r} already holds checkpoints of another run; choose another --run-name, or "
              f"continue that run with --resume {run_dir}")
@@ -493,9 +504,9 @@ def start(args, script: str, dist) -> Run:
         if later:
             print0(f"{checkpoint.name} is older than its run's newest checkpoint {later[-1]}: this run branches into "
                    f"{run_dir}, and the later checkpoints stay as they are", enabled=enabled)
-        elif args.fork:
-            print0(f"--fork: this run branches from {checkpoint} into {run_dir}" +
-                   (f", changing {', '.join(changed)}" if changed else ""), enabled=enabled)
+        elif changed:
+            print0(f"--fork: this run branches from {checkpoint} into {run_dir}, changing {', '.join(changed)}",
+                   enabled=enabled)
     run = Run(run_dir, record, args, checkpoint, enabled)
     common.exit_in_one_line(run.next_step, enabled)  # Ctrl-C or a full disk from here on: one line
     return run

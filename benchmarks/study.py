@@ -103,27 +103,25 @@ class Run:
     evals: list = field(default_factory=list)  # (epoch, images, seconds, reward)
 
 
-def experiment(name: str, seed: int, args: Args) -> list:
+def experiment(run: Run, args: Args) -> list:
     """The script and every flag of a run except where it writes: what makes two runs the same run."""
-    script, flags = CONFIGS[name]
-    epochs = args.images // args.images_per_epoch
-    batch = min(16, args.images_per_epoch)  # sampling batches of 16 (fewer only for an epoch of fewer images)
-    return [f"{script}.py", "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
+    batch = min(16, run.images_per_epoch)  # sampling batches of 16 (fewer only for an epoch of fewer images)
+    return [f"{run.script}.py", "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
             "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", "3e-3",
-            "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(args.images_per_epoch // batch), *flags,
-            "--num-epochs", str(epochs), "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every", "0",
-            "--seed", str(seed)]
+            "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(run.images_per_epoch // batch), *run.flags,
+            "--num-epochs", str(run.epochs), "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every",
+            "0", "--seed", str(run.seed)]
 
 
 def command(run: Run, args: Args) -> list:
-    script, *flags = experiment(run.name, run.seed, args)
+    script, *flags = experiment(run, args)
     return [sys.executable, str(ROOT / script), *flags, "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
 
 
-def run_folder(out: Path, name: str, seed: int, args: Args) -> Path:
+def run_folder(out: Path, run: Run, args: Args) -> Path:
     """OUT/runs/NAME__SEED__HASH, the hash of the run's experiment (its command line but for where it writes)."""
-    key = hashlib.sha256(json.dumps(experiment(name, seed, args)).encode()).hexdigest()[:8]
-    return out / "runs" / f"{name}__{seed}__{key}"
+    key = hashlib.sha256(json.dumps(experiment(run, args)).encode()).hexdigest()[:8]
+    return out / "runs" / f"{run.name}__{run.seed}__{key}"
 
 
 def unet_rows_per_epoch(run: Run, args: Args) -> int:
@@ -145,24 +143,30 @@ def finished(run: Run, args: Args) -> bool:
     except (OSError, ValueError):
         return False
     return (run.dir / "checkpoints" / f"epoch_{run.epochs:04d}").exists() and \
-        done.get("experiment") == experiment(run.name, run.seed, args)
+        done.get("experiment") == experiment(run, args)
 
 
 CHILDREN = set()  # the runs in progress (subprocess.Popen), stopped with the study
 STOPPING = threading.Event()
+STARTING = threading.Lock()  # held from the STOPPING check until the new child is in CHILDREN
 
 
 def stop(signum, frame):
-    """SIGINT or SIGTERM: stop the runs in progress (SIGTERM, then SIGKILL after 10 s), then exit 128 + signum."""
-    STOPPING.set()
-    for child in list(CHILDREN):
+    """SIGINT or SIGTERM: stop the runs in progress (SIGTERM, then SIGKILL after 10 s), then exit 128 + signum. No run
+    starts after this: a worker thread starts one only under STARTING, having checked STOPPING."""
+    with STARTING:
+        STOPPING.set()
+        children = list(CHILDREN)
+    for child in children:
         child.terminate()
     deadline = time.time() + 10
-    for child in list(CHILDREN):
+    for child in children:
         try:
             child.wait(max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             child.kill()
+            child.wait()
+    sys.stdout.flush()
     print(f"error: stopped by {signal.Signals(signum).name}, with the runs in progress; the finished runs are kept: "
           f"the same command continues the study", file=sys.stderr, flush=True)
     os._exit(128 + signum)
@@ -176,19 +180,18 @@ def execute(run: Run, args: Args, threads: int, log) -> Run:
     shutil.rmtree(run.dir, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.time()
-    if STOPPING.is_set():
-        return run
-    proc = subprocess.Popen(command(run, args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    CHILDREN.add(proc)
-    if STOPPING.is_set():  # started as the study was being stopped
-        proc.terminate()
+    with STARTING:
+        if STOPPING.is_set():
+            return run
+        proc = subprocess.Popen(command(run, args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        CHILDREN.add(proc)
     _, err = proc.communicate()
     CHILDREN.discard(proc)
     if proc.returncode != 0:
         raise SystemExit(f"error: {run.dir.name} failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
     run.seconds = time.time() - t0
-    (run.dir / "done.json").write_text(json.dumps({"seconds": run.seconds, "experiment": experiment(run.name, run.seed, args),
+    (run.dir / "done.json").write_text(json.dumps({"seconds": run.seconds, "experiment": experiment(run, args),
                                                    "command": command(run, args)}))
     log(f"done {run.dir.name} in {run.seconds:.0f} s")
     return run
@@ -304,8 +307,10 @@ def main(args: Args):
     except OSError as e:
         raise SystemExit(f"error: --out {out} is not writable ({type(e).__name__}: {e.strerror}); choose another --out")
     epochs = args.images // args.images_per_epoch
-    runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], run_folder(out, n, s, args), epochs, args.images_per_epoch)
+    runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], Path(), epochs, args.images_per_epoch)
             for s, n in itertools.product(args.seeds, names)]
+    for run in runs:
+        run.dir = run_folder(out, run, args)
     threads = max(1, 2 // args.jobs)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

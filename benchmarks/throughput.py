@@ -56,7 +56,8 @@ def commands(args: Args) -> dict:
     if "readme" in args.settings:
         out["readme"] = readme
     for name in args.methods if "study" in args.settings else ():
-        argv = study.experiment(name, 1, study.Args(images=16 * args.epochs, eval_every=args.epochs))
+        run = study.Run(name, 1, *study.CONFIGS[name], dir=Path(), epochs=args.epochs, images_per_epoch=16)
+        argv = study.experiment(run, study.Args(images=16 * args.epochs, eval_every=args.epochs))
         out[f"study {name}"] = demo_seeds.with_flags(argv, ["--image-every", "0"])
     return out
 

@@ -52,14 +52,15 @@ def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int 
 @contextlib.contextmanager
 def as_a_process():
     """Around a script's main run in this process: what the end of its own process would do is done here too. Its
-    run-folder locks are released, and the exception and SIGTERM handlers it installed are undone."""
-    hooks, sigterm = (sys.excepthook, threading.excepthook), signal.getsignal(signal.SIGTERM)
+    run-folder locks are released, and the exception and signal handlers it installed are undone."""
+    hooks, handlers = (sys.excepthook, threading.excepthook), {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         runs.release()
         sys.excepthook, threading.excepthook = hooks
-        signal.signal(signal.SIGTERM, sigterm)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def run_here(script: str) -> dict:

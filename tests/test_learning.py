@@ -64,3 +64,14 @@ def test_reward_rises_on_the_shapes_world(tmp_path, script):
         (_, before), (_, after) = scalars(tmp_path / f"seed{seed}")["eval/reward_mean"]
         gains[seed] = round(after - before, 4)
     assert sum(gains.values()) / len(gains) > MARGIN[script], f"{script}: eval reward gain per seed {gains}"
+
+
+def test_the_commands_carry_the_calibrated_changes(tmp_path):
+    """The runs above are the calibrated ones: REINFORCE's epochs of 8 images and the learning rates of EXTRA reach
+    the command line (the last value of a repeated flag is the one tyro keeps)."""
+    for script in CONFIG:
+        argv = command(script, 1, tmp_path)
+        lr = [argv[i + 1] for i, a in enumerate(argv) if a == "--learning-rate"][-1]
+        assert lr == dict(zip(EXTRA.get(script, [])[::2], EXTRA.get(script, [])[1::2])).get("--learning-rate", "3e-3")
+        batch, epochs = (int(argv[argv.index(flag) + 1]) for flag in ("--sample-batch-size", "--num-epochs"))
+        assert batch == IMAGES_PER_EPOCH.get(script, 16) and batch * epochs == IMAGES

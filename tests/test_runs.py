@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import OFFLINE, PYTHON, ROOT, error_line, lora_weights, run_here, training_state
+from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, lora_weights, run_here, training_state
 
 import common
 import runs
@@ -35,9 +35,11 @@ def here(script: str, argv: list, monkeypatch) -> str:
     return ""
 
 
-def start(script: str, *argv) -> subprocess.Popen:
+def start(script: str, *argv, sigint_ignored: bool = False) -> subprocess.Popen:
+    """The script as a process; `sigint_ignored`: as a shell starts `cmd &`, with SIGINT ignored."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([PYTHON, str(ROOT / f"{script}.py"), *map(str, argv)], cwd=ROOT, env=OFFLINE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
 
 
 def wait_for(condition, seconds: float = 120):
@@ -58,6 +60,9 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_owners_lock_is_ta
                               "--seed", 5, "--reward", "jpeg_compressibility"], monkeypatch)
     assert line.startswith(f"error: the run folder '{tmp_path / 'same'}' is in use by another run (pid {first.pid} on ")
     assert "\n" not in line
+    (tmp_path / "latest").symlink_to(tmp_path / "same")  # the same folder by another name is the same folder
+    line = here("reinforce", [*T, "--num-epochs", 4, "--output-dir", tmp_path, "--run-name", "latest"], monkeypatch)
+    assert f"is in use by another run (pid {first.pid} on " in line
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     records = [training_state(p)["record"] for p in sorted((tmp_path / "same" / "checkpoints").iterdir())]
     assert len(records) == 40 and {r["run"] for r in records} == {records[0]["run"]}
@@ -137,9 +142,24 @@ def test_fork_branches_a_changed_experiment_into_a_new_folder(loop_run, tmp_path
     original = training_state(home / "checkpoints" / "epoch_0002")["record"]
     assert record["parent"].startswith(f"{original['run']} at {home / 'checkpoints' / 'epoch_0002'}, changing seed")
     assert record["experiment"]["seed"] == 5 and record["run"] != original["run"]
-    line = here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--fork", "--resume", home,
-                         "--output-dir", tmp_path, "--run-name", "a"], monkeypatch)
-    assert line.startswith("error: --run-name a: --fork branches into a new run folder")
+    line = here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--seed", 5, "--fork", "--resume",
+                         home, "--output-dir", tmp_path, "--run-name", "a"], monkeypatch)
+    assert line.startswith("error: --run-name a: --fork branches a changed experiment into a new run folder")
+    # the stop message says "the same flags": with --fork and nothing changed, the branch continues in place
+    assert here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 4, "--seed", 5, "--fork",
+                         "--resume", branch], monkeypatch) == ""
+    assert (branch / "checkpoints" / "epoch_0004").is_dir() and len(list(tmp_path.iterdir())) == 2
+
+
+def test_the_gradscaler_state_loads_only_where_both_runs_use_fp16():
+    """--mixed-precision may change on resume: a run saved without fp16 has an empty scaler state, and a run resumed
+    without fp16 has a disabled scaler; neither is an error, and fp16 to fp16 keeps the scale."""
+    on, off = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10), torch.amp.GradScaler("cpu", enabled=False)
+    runs.load_scaler(on, off.state_dict())  # fp32 -> fp16: a fresh scaler
+    runs.load_scaler(off, on.state_dict())  # fp16 -> fp32: none needed
+    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**7).state_dict()
+    runs.load_scaler(on, saved)
+    assert off.state_dict() == {} and on.get_scale() == 2.0**7
 
 
 def test_a_damaged_training_state_is_refused_before_the_model_loads(loop_run, tmp_path, monkeypatch):
@@ -188,10 +208,11 @@ def test_prompts_a_reward_cannot_score_are_refused_before_the_model_loads(reward
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_end_a_run_in_one_line_saying_how_to_continue(signum, tmp_path):
-    """Stopped after its first checkpoint: no traceback, a non-zero exit, one line naming the newest complete
-    checkpoint and the --resume that continues it, and the folder's lock released."""
+    """Stopped after its first checkpoints: no traceback, a non-zero exit, one line naming the newest complete
+    checkpoint and the --resume that continues it, and the folder's lock released. SIGINT is sent to a run started
+    with SIGINT ignored, as a shell starts `cmd &`: a run takes Ctrl-C's handler back."""
     proc = start("loop", *T, "--gradient-accumulation-steps", 1, "--num-epochs", 500, "--save-every", 1,
-                 "--output-dir", tmp_path, "--run-name", "a")
+                 "--output-dir", tmp_path, "--run-name", "a", sigint_ignored=signum == signal.SIGINT)
     wait_for(lambda: (tmp_path / "a" / "checkpoints" / "epoch_0002").is_dir())
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -234,9 +255,21 @@ def test_a_full_disk_while_writing_images_or_events_ends_the_run_in_one_line(wha
         assert runs.checkpoint_problem(folder) is None and lora_weights(folder)
 
 
-def test_refused_writes_are_the_machines_refusals_and_nothing_else():
-    assert {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG} <= common.REFUSED_WRITES
-    assert errno.ENOENT not in common.REFUSED_WRITES  # a missing file is a bug or a user's path: not this message
+def test_only_a_refused_write_or_an_interrupt_loses_its_traceback(capsys):
+    """The hook turns ENOSPC and Ctrl-C into one line; a missing file, a permission error (reads raise those too)
+    and any other exception reach the previous hook, with their tracebacks."""
+    seen = []
+    with as_a_process():
+        sys.excepthook = lambda kind, error, tb: seen.append(kind)
+        common.exit_in_one_line(lambda: "what to do")
+        for error in (OSError(errno.ENOSPC, "No space left on device", "/x/y"), KeyboardInterrupt(),
+                      OSError(errno.ENOENT, "No such file"), OSError(errno.EACCES, "Permission denied"), ValueError()):
+            sys.excepthook(type(error), error, None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("error: a write failed (OSError: [Errno 28] No space left on device") and lines[0].endswith(
+        "; what to do")
+    assert lines[-1] == "error: interrupted; what to do" and len([x for x in lines if x]) == 2
+    assert seen == [FileNotFoundError, PermissionError, ValueError]
 
 
 STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_k4", "--seeds", "1", "--eval-every", "1",
@@ -267,9 +300,17 @@ def test_the_study_reuses_only_runs_of_the_same_command(tmp_path):
 def test_a_stopped_study_stops_its_runs_and_refuses_an_unusable_out(tmp_path):
     proc = subprocess.Popen([*STUDY, "--images", "480", "--out", str(tmp_path)], cwd=ROOT, env=OFFLINE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    locks = lambda: [p for p in (tmp_path / "runs").glob(".*.lock") if p.read_text()]  # noqa: E731
-    wait_for(lambda: (tmp_path / "runs").is_dir() and locks())
-    child = int(locks()[0].read_text().split()[1])  # "pid N on HOST since ..."
+    def owners():  # "pid N on HOST since ..." of the runs in progress (a lock may go between glob and read)
+        found = []
+        for path in (tmp_path / "runs").glob(".*.lock"):
+            try:
+                found += [int(path.read_text().split()[1])] if path.read_text() else []
+            except (OSError, IndexError, ValueError):
+                pass
+        return found
+
+    wait_for(lambda: (tmp_path / "runs").is_dir() and owners())
+    child = owners()[0]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
