@@ -48,8 +48,8 @@ class Args:
     resume: Optional[str] = None
     """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
     fork: bool = False
-    """with --resume: continue in a new run folder, where the experiment's flags (reward, prompts, seed, sizes, the
-    algorithm's settings) may differ from the checkpoint's; without it a resume refuses any change to them"""
+    """with --resume: let the experiment's flags (reward, prompts, seed, sizes, the algorithm's settings) differ from
+    the checkpoint's, branching into a new run folder; without it a resume refuses any change to them"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project: str = "diffusion-rl"
