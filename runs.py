@@ -226,13 +226,13 @@ class TrainingState(dict):
 # The flags that fix the model's shape: a checkpoint's weights fit only a run with the same values.
 SHAPE_FLAGS = ("model", "lora_rank", "lora_alpha")
 # The flags that may change on resume: where and how often the run writes and logs, how long it runs, how the same
-# computation is executed (device, precision, recomputation, compilation), and the optimisers' settings, which
-# load_optimizer applies over the checkpoint's moments (lowering the learning rate after a divergence is why one
-# resumes an earlier checkpoint). --prompt-file may move: the prompts' text is what is checked.
+# computation is executed (device, precision, recomputation, compilation, timesteps per UNet call), and the
+# optimisers' settings, which load_optimizer applies over the checkpoint's moments (lowering the learning rate after a
+# divergence is why one resumes an earlier checkpoint). --prompt-file may move: the prompts' text is what is checked.
 FREE_FLAGS = ("exp_name", "run_name", "output_dir", "num_epochs", "save_every", "image_every", "eval_num_steps",
               "resume", "fork", "track", "wandb_project", "device", "mixed_precision", "gradient_checkpointing",
-              "compile", "timesteps_per_call", "learning_rate", "value_learning_rate", "adam_beta1", "adam_beta2", "weight_decay",
-              "adam_epsilon", "max_grad_norm", "prompt_file")
+              "compile", "timesteps_per_call", "learning_rate", "value_learning_rate", "adam_beta1", "adam_beta2",
+              "weight_decay", "adam_epsilon", "max_grad_norm", "prompt_file")
 # Every other flag defines the experiment (the reward and its weights, the prompts, the seed, the sampler, the batch
 # sizes, the algorithm's settings), as does the number of processes (the images per epoch): a resume keeps them,
 # unless --fork says that the change is meant.
