@@ -447,15 +447,15 @@ def start(args, script: str, dist) -> Run:
                 fail(f"{where}: {flag} {value} here, {flag} {theirs['flags'].get(name)} in the checkpoint; the flags that "
                      f"fix the model's shape must match: pass {flag} {theirs['flags'].get(name)}, or start a new run")
         if "experiment" not in theirs and not args.fork:
-            fail(f"{where}: it does not record its experiment (reward, prompts, seed, batch sizes: an older version), so "
-                 f"a resume cannot check it; add --fork to resume it into a new run folder anyway")
+            fail(f"{where}: it does not record its experiment (reward, prompts, seed, batch sizes: an older "
+                 f"version), so a resume cannot check it; add --fork to resume it into a new run folder anyway")
         ours, recorded = record["experiment"], theirs.get("experiment", {})
         changed = [name for name in sorted(set(ours) | set(recorded)) if ours.get(name) != recorded.get(name)]
         if changed and not args.fork:
             name, more = changed[0], f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if changed[1:] else ""
-            fail(f"{where}: {_describe(name, ours.get(name), record)} here, {_describe(name, recorded.get(name), theirs)} "
-                 f"in the checkpoint{more}; these define the experiment: pass the checkpoint's values, or add --fork to "
-                 f"branch a new run folder with the change")
+            here, there = _describe(name, ours.get(name), record), _describe(name, recorded.get(name), theirs)
+            fail(f"{where}: {here} here, {there} in the checkpoint{more}; these define the experiment: pass the "
+                 f"checkpoint's values, or add --fork to branch a new run folder with the change")
         lacking = [key for key in theirs.get("keys", ()) if key not in state]
         if lacking:
             fail(f"{where}: its training state lacks {', '.join(map(repr, lacking))} (damaged); resume from an "

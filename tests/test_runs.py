@@ -149,6 +149,17 @@ def test_fork_branches_a_changed_experiment_into_a_new_folder(loop_run, tmp_path
     assert here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 4, "--seed", 5, "--fork",
                          "--resume", branch], monkeypatch) == ""
     assert (branch / "checkpoints" / "epoch_0004").is_dir() and len(list(tmp_path.iterdir())) == 2
+    # a checkpoint from before records held the experiment: refused, or branched with --fork
+    old = tmp_path / "old"
+    shutil.copytree(loop_run, old)
+    path = old / "checkpoints" / "epoch_0002" / runs.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    del state["record"]["experiment"]
+    torch.save(state, path)
+    argv = [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--resume", old]
+    assert "it does not record its experiment" in here("loop", argv, monkeypatch)
+    assert here("loop", [*argv, "--fork"], monkeypatch) == ""
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("old__from_epoch_0002__")]) == 1
 
 
 def test_the_gradscaler_state_loads_only_where_both_runs_use_fp16():
