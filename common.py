@@ -771,10 +771,15 @@ class Logger:
             self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
     def close(self):
+        """The end of a run, on every process: the logs are closed, and under torchrun the processes wait for each other
+        so that none tears down its connections while another still uses them (gloo aborted a finished process with
+        "terminate called without an active exception" in about 1 run in 10 without this)."""
         if self.enabled:
             self.writer.close()
             if self.wandb is not None:
                 self.wandb.finish()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str] = (), ncols: int = 8, size: int = 128, lines: int = 3) -> Image.Image:
