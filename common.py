@@ -467,6 +467,13 @@ def ddim_step(scheduler, model_output, t, latents, *, num_steps: int, eta: float
     return prev_sample, log_prob, x0
 
 
+def timesteps_per_call(flag: Optional[int], num_train_timesteps: int, device) -> int:
+    """How many trained timesteps of each trajectory one training UNet call evaluates (`step_log_prob` on (B, n)):
+    --timesteps-per-call if given, else all of them on a CPU, where one large call of a small model is faster, and 1
+    on a GPU, the reference's loop and memory. Every value gives the same gradient up to float rounding."""
+    return flag or (num_train_timesteps if torch.device(device).type == "cpu" else 1)
+
+
 def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_steps, guidance, eta):
     """The training path: log pi_theta(x_{t'} | x_t, c) of STORED transitions under the current weights.
 

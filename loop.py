@@ -152,7 +152,7 @@ if __name__ == "__main__":
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
-    chunk = args.timesteps_per_call or (num_train_timesteps if device.type == "cpu" else 1)  # per UNet call
+    chunk = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
     if args.k < 2:  # LOOP
         common.fail(f"--k {args.k}: LOOP needs at least two images per prompt for a leave-one-out baseline; use --k 2 or more")
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):

@@ -160,7 +160,7 @@ if __name__ == "__main__":
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
-    chunk = args.timesteps_per_call or (num_train_timesteps if device.type == "cpu" else 1)  # per UNet call
+    chunk = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
         common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
                     f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")

@@ -183,7 +183,7 @@ def train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoc
         idx = perm[m * tb : (m + 1) * tb]
         steps, rows = step_perm[idx], idx[:, None]  # (tb, T_train)
         latents, next_latents, old = traj.latents[rows, steps], traj.latents[rows, steps + 1], traj.log_probs[rows, steps]
-        chunk = args.timesteps_per_call or (num_train if device.type == "cpu" else 1)  # as the scripts choose
+        chunk = common.timesteps_per_call(args.timesteps_per_call, num_train, device)  # as the scripts choose
         for j in range(0, num_train, chunk):
             js = slice(j, j + chunk)
             with common.autocast(device, precision):
@@ -360,7 +360,7 @@ if __name__ == "__main__":
     print(f"precision={PRECISION_NAMES[precision]} batch={args.batch} train_batch_size={args.train_batch_size or args.batch} "
           f"(CFG: the UNet sees twice as many rows) "
           f"num_steps={args.num_steps} trained_steps={num_train} "
-          f"timesteps_per_call={args.timesteps_per_call or (num_train if device.type == 'cpu' else 1)} "
+          f"timesteps_per_call={common.timesteps_per_call(args.timesteps_per_call, num_train, device)} "
           f"guidance={args.guidance} eta={args.eta} "
           f"lora_rank={args.lora_rank} gradient_checkpointing={args.gradient_checkpointing} compile={args.compile} "
           f"channels_last={args.channels_last} warmup={args.warmup}")

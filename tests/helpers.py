@@ -53,7 +53,8 @@ def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int 
 def as_a_process():
     """Around a script's main run in this process: what the end of its own process would do is done here too. Its
     run-folder locks are released, and the exception and signal handlers it installed are undone."""
-    hooks, handlers = (sys.excepthook, threading.excepthook), {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    hooks = sys.excepthook, threading.excepthook
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -67,6 +68,17 @@ def run_here(script: str) -> dict:
     """`python script.py` with the current sys.argv, in this process (as_a_process); its globals when it ends."""
     with as_a_process():
         return runpy.run_path(str(ROOT / f"{script}.py"), run_name="__main__")
+
+
+def in_process(script: str, argv: list, monkeypatch) -> str:
+    """Run a script's main here as `python script.py argv` would; return the SystemExit message ('' if none). Any
+    other exception propagates: a traceback fails the test."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
+    try:
+        run_here(script)
+    except SystemExit as e:
+        return str(e)
+    return ""
 
 
 def run_main(script: str, *args) -> dict:

@@ -11,11 +11,10 @@ import dataclasses
 import importlib
 import math
 import shutil
-import sys
 
 import pytest
 import torch
-from helpers import error_line, lora_weights, run, run_here, training_state
+from helpers import error_line, in_process, lora_weights, run, training_state
 
 import common
 import rewards
@@ -71,17 +70,6 @@ SPECIFIC = {
              (["--buffer-size", 1], "--buffer-size 1 must hold at least one micro-batch")],
     "score_as_action": [(["--eval-num-steps", 0], "--eval-num-steps")],
 }
-
-
-def in_process(script: str, argv: list, monkeypatch) -> str:
-    """Run a script's main here as `python script.py argv` would; return the SystemExit message ('' if none). Any
-    other exception propagates: a traceback fails the test."""
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
-    try:
-        run_here(script)
-    except SystemExit as e:
-        return str(e)
-    return ""
 
 
 def check_cases(script, cases, monkeypatch, out):

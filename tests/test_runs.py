@@ -3,7 +3,7 @@ one writer per run folder; a resume that keeps the experiment, or branches it wi
 can cause (a prompt the reward cannot score, a damaged training state, Ctrl-C, SIGTERM, a full disk); a study that
 reuses only runs of the same command and stops its children with itself.
 
-Where a run can be in this process it is (tests/helpers.run_here: the libraries load once); where the property is
+Where a run can be in this process it is (tests/helpers.in_process: the libraries load once); where the property is
 about a process (its exit, its signals, its stderr) it is a real one."""
 
 import errno
@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, lora_weights, run_here, training_state
+from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, in_process, lora_weights, training_state
 
 import common
 import runs
@@ -23,16 +23,6 @@ import runs
 # The issue's repro flags: a 4-image epoch of the toy task, 4 steps, one minibatch.
 T = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", 4, "--sample-batch-size", 4,
      "--num-batches-per-epoch", 1, "--train-batch-size", 4, "--image-every", 0]
-
-
-def here(script: str, argv: list, monkeypatch) -> str:
-    """The script's main in this process; its SystemExit message ('' if none)."""
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
-    try:
-        run_here(script)
-    except SystemExit as e:
-        return str(e)
-    return ""
 
 
 def start(script: str, *argv, sigint_ignored: bool = False) -> subprocess.Popen:
@@ -53,15 +43,17 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_owners_lock_is_ta
     """The issue's repro: two runs with the same --run-name. The second is refused in one line naming the folder and
     the first run's pid; every checkpoint then holds the first run's record. A lock file whose owner is gone (killed
     with SIGKILL: no exit handler ran) does not stop the next run."""
-    first = start("reinforce", *T, "--num-epochs", 40, "--save-every", 1, "--output-dir", tmp_path, "--run-name", "same")
+    first = start("reinforce", *T, "--num-epochs", 40, "--save-every", 1, "--output-dir", tmp_path,
+                  "--run-name", "same")
     lock = tmp_path / ".same.lock"
     wait_for(lambda: lock.exists() and lock.read_text())
-    line = here("reinforce", [*T, "--num-epochs", 4, "--save-every", 1, "--output-dir", tmp_path, "--run-name", "same",
-                              "--seed", 5, "--reward", "jpeg_compressibility"], monkeypatch)
+    line = in_process("reinforce", [*T, "--num-epochs", 4, "--save-every", 1, "--output-dir", tmp_path, "--run-name",
+                                    "same", "--seed", 5, "--reward", "jpeg_compressibility"], monkeypatch)
     assert line.startswith(f"error: the run folder '{tmp_path / 'same'}' is in use by another run (pid {first.pid} on ")
     assert "\n" not in line
     (tmp_path / "latest").symlink_to(tmp_path / "same")  # the same folder by another name is the same folder
-    line = here("reinforce", [*T, "--num-epochs", 4, "--output-dir", tmp_path, "--run-name", "latest"], monkeypatch)
+    line = in_process("reinforce", [*T, "--num-epochs", 4, "--output-dir", tmp_path, "--run-name", "latest"],
+                      monkeypatch)
     assert f"is in use by another run (pid {first.pid} on " in line
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     records = [training_state(p)["record"] for p in sorted((tmp_path / "same" / "checkpoints").iterdir())]
@@ -74,10 +66,10 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_owners_lock_is_ta
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     argv = [*T, "--num-epochs", 1, "--output-dir", tmp_path, "--run-name", "other"]
-    assert "is in use by another run (pid 1 on elsewhere)" in here("reinforce", argv, monkeypatch)
+    assert "is in use by another run (pid 1 on elsewhere)" in in_process("reinforce", argv, monkeypatch)
     holder.kill()
     holder.wait()
-    assert (tmp_path / ".other.lock").exists() and here("reinforce", argv, monkeypatch) == ""
+    assert (tmp_path / ".other.lock").exists() and in_process("reinforce", argv, monkeypatch) == ""
     assert (tmp_path / "other" / "checkpoints" / "epoch_0001").is_dir() and not (tmp_path / ".other.lock").exists()
 
 
@@ -86,8 +78,8 @@ def loop_run(tmp_path_factory):
     """loop.py for 2 epochs of the repro's setting, a checkpoint after each."""
     out = tmp_path_factory.mktemp("loop")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        assert here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 2, "--save-every", 1,
-                             "--output-dir", out, "--run-name", "a"], monkeypatch) == ""
+        assert in_process("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 2, "--save-every", 1,
+                                   "--output-dir", out, "--run-name", "a"], monkeypatch) == ""
     return out / "a"
 
 
@@ -106,12 +98,12 @@ def test_resume_refuses_a_changed_experiment_in_one_line_naming_both_values(loop
 ]
     problems = []
     for flags, message in cases:
-        line = here("loop", [*base, "--output-dir", tmp_path / "runs", *flags], monkeypatch)
+        line = in_process("loop", [*base, "--output-dir", tmp_path / "runs", *flags], monkeypatch)
         if not (line.startswith("error: cannot resume from ") and message in line and "add --fork" in line
                 and "\n" not in line):
             problems.append(f"{flags}: {line!r}")
     assert not problems
-    line = here("loop", [*base[:-2], "--fork", "--output-dir", tmp_path / "runs"], monkeypatch)
+    line = in_process("loop", [*base[:-2], "--fork", "--output-dir", tmp_path / "runs"], monkeypatch)
     assert line == "error: --fork branches a resumed run into a new run folder; give --resume too"
     assert not (tmp_path / "runs").exists() and sorted(p.name for p in loop_run.parent.iterdir()) == ["a"]
     # free flags: a new learning rate, epochs, logging, precision; continues in the same folder
@@ -119,8 +111,8 @@ def test_resume_refuses_a_changed_experiment_in_one_line_naming_both_values(loop
     import shutil
 
     shutil.copytree(loop_run, home)
-    assert here("loop", [*base[:-1], home, "--learning-rate", 1e-3, "--image-every", 1, "--eval-num-steps", 2,
-                         "--mixed-precision", "no", "--save-every", 5], monkeypatch) == ""
+    assert in_process("loop", [*base[:-1], home, "--learning-rate", 1e-3, "--image-every", 1, "--eval-num-steps", 2,
+                               "--mixed-precision", "no", "--save-every", 5], monkeypatch) == ""
     assert (home / "checkpoints" / "epoch_0003").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [
         "home", "prompts.txt"]
 
@@ -133,8 +125,8 @@ def test_fork_branches_a_changed_experiment_into_a_new_folder(loop_run, tmp_path
 
     shutil.copytree(loop_run, home)
     before = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
-    assert here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--seed", 5, "--fork",
-                         "--resume", home], monkeypatch) == ""
+    assert in_process("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--seed", 5, "--fork",
+                               "--resume", home], monkeypatch) == ""
     assert "--fork: this run branches from" in capsys.readouterr().out
     assert {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
     (branch,) = [p for p in tmp_path.iterdir() if p.name.startswith("a__from_epoch_0002__")]
@@ -142,12 +134,12 @@ def test_fork_branches_a_changed_experiment_into_a_new_folder(loop_run, tmp_path
     original = training_state(home / "checkpoints" / "epoch_0002")["record"]
     assert record["parent"].startswith(f"{original['run']} at {home / 'checkpoints' / 'epoch_0002'}, changing seed")
     assert record["experiment"]["seed"] == 5 and record["run"] != original["run"]
-    line = here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--seed", 5, "--fork", "--resume",
-                         home, "--output-dir", tmp_path, "--run-name", "a"], monkeypatch)
+    line = in_process("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--seed", 5, "--fork",
+                               "--resume", home, "--output-dir", tmp_path, "--run-name", "a"], monkeypatch)
     assert line.startswith("error: --run-name a: --fork branches a changed experiment into a new run folder")
     # the stop message says "the same flags": with --fork and nothing changed, the branch continues in place
-    assert here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 4, "--seed", 5, "--fork",
-                         "--resume", branch], monkeypatch) == ""
+    assert in_process("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 4, "--seed", 5, "--fork",
+                               "--resume", branch], monkeypatch) == ""
     assert (branch / "checkpoints" / "epoch_0004").is_dir() and len(list(tmp_path.iterdir())) == 2
     # a checkpoint from before records held the experiment: refused, or branched with --fork
     old = tmp_path / "old"
@@ -157,8 +149,8 @@ def test_fork_branches_a_changed_experiment_into_a_new_folder(loop_run, tmp_path
     del state["record"]["experiment"]
     torch.save(state, path)
     argv = [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--resume", old]
-    assert "it does not record its experiment" in here("loop", argv, monkeypatch)
-    assert here("loop", [*argv, "--fork"], monkeypatch) == ""
+    assert "it does not record its experiment" in in_process("loop", argv, monkeypatch)
+    assert in_process("loop", [*argv, "--fork"], monkeypatch) == ""
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("old__from_epoch_0002__")]) == 1
 
 
@@ -192,7 +184,7 @@ def test_a_damaged_training_state_is_refused_before_the_model_loads(loop_run, tm
         torch.save(state, path)
         with monkeypatch.context() as m:
             m.setattr(common, "load_pipeline", loads)
-            line = here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--resume", home], m)
+            line = in_process("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--resume", home], m)
         if not (line.startswith("error: cannot resume from ") and message in line):
             problems.append(f"{key}: {line!r}")
     assert not problems
@@ -211,8 +203,8 @@ def test_prompts_a_reward_cannot_score_are_refused_before_the_model_loads(reward
         raise AssertionError("the model loaded before the prompts were checked")
 
     monkeypatch.setattr(common, "load_pipeline", loads)
-    line = here("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 1, "--reward", reward,
-                         "--prompts", prompts, "--output-dir", tmp_path / "runs"], monkeypatch)
+    line = in_process("loop", [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 1, "--reward", reward,
+                               "--prompts", prompts, "--output-dir", tmp_path / "runs"], monkeypatch)
     assert line.startswith(f"error: {message}") and "\n" not in line
     assert not (tmp_path / "runs").exists()
 
@@ -283,8 +275,8 @@ def test_only_a_refused_write_or_an_interrupt_loses_its_traceback(capsys):
     assert seen == [FileNotFoundError, PermissionError, ValueError]
 
 
-STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_k4", "--seeds", "1", "--eval-every", "1",
-         "--jobs", "1"]
+STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_k4", "--seeds", "1",
+         "--eval-every", "1", "--jobs", "1"]
 
 
 def test_the_study_reuses_only_runs_of_the_same_command(tmp_path):
