@@ -60,6 +60,12 @@ class Args:
     """DDIM steps of sampling and training"""
     jobs: int = 2
     """runs at once; each gets 2 // jobs torch threads (at least 1)"""
+    heldout: str = "shapes_eval"
+    """prompt set of the final evaluation's generalisation figure (prompts never trained on)"""
+    final_images: int = 128
+    """fixed-noise samples of each prompt set in the final evaluation (benchmarks/evaluate.py)"""
+    robustness_steps: tuple[int, ...] = (5, 20, 50)
+    """step counts the final evaluation adds for score_as_action and ppo_k1 (trained at --num-steps)"""
     quick: bool = False
     """smoke test: two configurations, one seed, 32 images, 5 DDIM steps"""
     target: float = 0.0
@@ -84,10 +90,30 @@ CONFIGS = {
     "loop_k2": ("loop", ["--k", "2", *CLIPPED]),
     "loop_k4": ("loop", ["--k", "4", *CLIPPED]),
     "loop_k8": ("loop", ["--k", "8", *CLIPPED]),
-    "dpok": ("dpok", DPOK),
+    "dpok": ("dpok", DPOK),  # beta 0.01, DPOK's single-prompt default
+    "dpok_beta0": ("dpok", [*DPOK, "--beta", "0"]),  # no KL term: the policy gradient alone
+    "dpok_beta0.1": ("dpok", [*DPOK, "--beta", "0.1"]),  # DPOK's multi-prompt beta
     "score_as_action": ("score_as_action", CLIPPED),
 }
 QUICK = ("loop_k4", "ppo_k1")
+DEFAULT = tuple(n for n in CONFIGS if not n.startswith("dpok_beta"))  # the beta sweep: --methods dpok dpok_beta0 ...
+ROBUSTNESS = ("score_as_action", "ppo_k1")  # also evaluated at --robustness-steps (Score as Action's claim)
+
+# The paired comparisons: (claim, metric, a, b); the difference a - b at each seed (same prompts and noise for both),
+# and its bootstrap interval over the seeds. The claim holds in the direction a > b.
+PAIRS = [
+    ("LOOP K=4 beats PPO (DDPO, K=1): sample efficiency", "reward_gain", "loop_k4", "ppo_k1"),
+    ("the leave-one-out baseline alone: LOOP K=4 beats PPO K=4", "reward_gain", "loop_k4", "ppo_k4"),
+    ("LOOP K=4 beats REINFORCE K=4 at equal compute", "reward_gain", "loop_k4", "reinforce_k4"),
+    ("K: LOOP K=4 beats K=2", "reward_gain", "loop_k4", "loop_k2"),
+    ("K: LOOP K=8 beats K=4", "reward_gain", "loop_k8", "loop_k4"),
+    ("K: LOOP K=8 beats K=2", "reward_gain", "loop_k8", "loop_k2"),
+    ("LOOP K=4 beats PPO K=1 in judged-right binding", "judged_gain", "loop_k4", "ppo_k1"),
+    ("DPOK's KL term keeps the model closer to the pretrained one (KL, beta 0 minus 0.01)", "kl", "dpok_beta0", "dpok"),
+    ("DPOK's KL term costs reward (gain, beta 0 minus 0.01)", "reward_gain", "dpok_beta0", "dpok"),
+    ("DPOK's KL term protects prompts not trained (held-out gain, 0.01 minus beta 0)", "heldout_gain", "dpok", "dpok_beta0"),
+]
+RESAMPLES = 10_000
 
 
 @dataclass
@@ -100,7 +126,8 @@ class Run:
     epochs: int
     images_per_epoch: int
     seconds: float = 0.0
-    evals: list = field(default_factory=list)  # (epoch, images, seconds, reward)
+    evals: list = field(default_factory=list)  # (epoch, images, seconds, reward, kl)
+    metrics: dict = field(default_factory=dict)  # final_metrics of its final evaluation
 
 
 def experiment(run: Run, args: Args) -> list:
@@ -197,6 +224,129 @@ def execute(run: Run, args: Args, threads: int, log) -> Run:
     return run
 
 
+def final_eval_command(run: Run, args: Args) -> list:
+    """benchmarks/evaluate.py on the run's last checkpoint: the trained prompts and the held-out set, before and after,
+    on noise keyed by the run's seed (so every method at a seed is evaluated on the same samples' noise)."""
+    steps = [args.num_steps, *(args.robustness_steps if run.name in ROBUSTNESS else ())]
+    sets = list(dict.fromkeys([args.prompts, args.heldout]))
+    return [sys.executable, str(ROOT / "benchmarks" / "evaluate.py"), str(run.dir), "--prompts", *sets,
+            "--steps", *map(str, steps), "--kl-steps", str(args.num_steps), "--guidance", "5", "--images",
+            str(args.final_images), "--seed", str(run.seed), "--out", str(run.dir / "final_eval.json")]
+
+
+def final_eval(run: Run, args: Args, threads: int, log) -> dict:
+    """The run's final evaluation, made once (final_eval.json records the command that made it)."""
+    path = run.dir / "final_eval.json"
+    cmd = final_eval_command(run, args)
+    try:
+        result = json.loads(path.read_text())
+        if result.get("command") == cmd[1:]:
+            return result
+    except (OSError, ValueError):
+        pass
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with STARTING:
+        if STOPPING.is_set():
+            return {}
+        proc = subprocess.Popen([*cmd, "--threads", str(threads)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        CHILDREN.add(proc)
+    _, err = proc.communicate()
+    CHILDREN.discard(proc)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the final evaluation of {run.dir.name} failed ({proc.returncode}): "
+                         f"{err.strip().splitlines()[-1:]}")
+    result = json.loads(path.read_text())
+    result["command"] = cmd[1:]
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"evaluated {run.dir.name}")
+    return result
+
+
+def final_metrics(run: Run, args: Args, result: dict) -> dict:
+    """The paired figures of a run's final evaluation (after minus before on the same noise)."""
+    def gain(name, steps, what):
+        row = result["sets"][name][str(steps)]
+        return row[f"{what}_after"] - row[f"{what}_before"]
+
+    out = {"reward_gain": gain(args.prompts, args.num_steps, "reward"),
+           "judged_gain": gain(args.prompts, args.num_steps, "judged"),
+           "heldout_gain": gain(args.heldout, args.num_steps, "reward"),
+           "heldout_judged_gain": gain(args.heldout, args.num_steps, "judged"),
+           "reward_before": result["sets"][args.prompts][str(args.num_steps)]["reward_before"],
+           "judged_before": result["sets"][args.prompts][str(args.num_steps)]["judged_before"],
+           "kl": result.get("kl_to_pretrained", float("nan"))}
+    for steps in (args.robustness_steps if run.name in ROBUSTNESS else ()):
+        out[f"reward_gain_{steps}steps"] = gain(args.prompts, steps, "reward")
+    return out
+
+
+def bootstrap(values, resamples: int = RESAMPLES, seed: int = 0) -> tuple:
+    """(mean, low, high): the mean over seeds and its percentile-bootstrap 95% interval (the seeds resampled with
+    replacement). With 5 seeds the percentile interval is somewhat narrower than a t interval: read an interval
+    that only just excludes 0 with care."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(v.mean()), float(low), float(high)
+
+
+MIN_SEEDS = 3  # fewer seeds give no verdict (a bootstrap over 1 or 2 values is no interval)
+
+
+def verdict(low: float, high: float, seeds: int) -> str:
+    """A claim that a - b > 0: established when the interval lies above 0, contradicted when below, else not."""
+    if seeds < MIN_SEEDS:
+        return f"no verdict ({seeds} seed{'s' * (seeds != 1)}; at least {MIN_SEEDS})"
+    return "established" if low > 0 else "contradicted" if high < 0 else "not established"
+
+
+def interval(mean: float, low: float, high: float, digits: int = 3, sign: str = "+") -> str:
+    return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+def images_to_target(evals: list, target: float, budget: int) -> tuple:
+    """(images at the first in-run evaluation at or above target, reached?); a run that never reaches it counts as the
+    budget (a lower bound: the interval of such a configuration understates its images)."""
+    hit = [images for _, images, _, reward, _ in evals if reward >= target]
+    return (min(hit), True) if hit else (budget, False)
+
+
+def final_tables(runs: list, args: Args, target: float) -> str:
+    """The final evaluation's gains per configuration and the paired differences, with 95% bootstrap intervals."""
+    names = list(dict.fromkeys(r.name for r in runs))
+    by = {(r.name, r.seed): r for r in runs}
+    lines = [f"| method | seeds | reward gain ({args.prompts}) | judged right: before -> gain | held-out reward gain "
+             f"({args.heldout}) | KL to pretrained | images to {target:.3f} (reached) |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        mine = [r for r in runs if r.name == name]
+        m = [r.metrics for r in mine]
+        reach = [images_to_target(r.evals, target, args.images) for r in mine]
+        judged_before = statistics.mean(x["judged_before"] for x in m)
+        lines.append(f"| {name} | {len(mine)} | {interval(*bootstrap([x['reward_gain'] for x in m]))} | "
+                     f"{judged_before:.1%} -> {interval(*bootstrap([x['judged_gain'] for x in m]))} | "
+                     f"{interval(*bootstrap([x['heldout_gain'] for x in m]))} | "
+                     f"{interval(*bootstrap([x['kl'] for x in m]), digits=2, sign='')} | "
+                     f"{interval(*bootstrap([i for i, _ in reach]), digits=0, sign='')} ({sum(ok for _, ok in reach)}/{len(mine)}) |")
+    lines += ["", "| claim (a - b > 0) | metric | a - b, mean [95% interval] | seeds | verdict |", "|---|---|---|---|---|"]
+    for claim, metric, a, b in PAIRS:
+        seeds = sorted(s for (n, s) in by if n == a and (b, s) in by)
+        if not seeds:
+            continue
+        diff = bootstrap([by[a, s].metrics[metric] - by[b, s].metrics[metric] for s in seeds])
+        lines.append(f"| {claim} | {metric} | {interval(*diff)} | {len(seeds)} | {verdict(*diff[1:], len(seeds))} |")
+    robust = [(s, by["score_as_action", s], by["ppo_k1", s]) for (n, s) in by if n == "score_as_action" and ("ppo_k1", s) in by]
+    for steps in args.robustness_steps if robust else ():
+        # the drop of the gain from the training step count to `steps`: Score as Action's claim is a smaller drop
+        drop = lambda r: r.metrics["reward_gain"] - r.metrics[f"reward_gain_{steps}steps"]
+        diff = bootstrap([drop(ppo) - drop(saa) for _, saa, ppo in robust])
+        lines.append(f"| Score as Action's gain drops less than PPO's from {args.num_steps} to {steps} steps (PPO's drop "
+                     f"minus Score as Action's) | reward_gain | {interval(*diff)} | {len(robust)} | {verdict(*diff[1:], len(robust))} |")
+    return "\n".join(lines)
+
+
 def read_evals(run: Run, args: Args):
     """(epoch, images seen, seconds since the first evaluation, eval reward, kl) of each evaluation, in order.
 
@@ -290,7 +440,8 @@ def main(args: Args):
     out = Path(args.out)
     if args.quick:
         args.seeds, args.images, args.images_per_epoch, args.num_steps, args.eval_every = args.seeds[:1], 32, 16, 5, 1
-    names = args.methods or (QUICK if args.quick else tuple(CONFIGS))
+        args.final_images, args.robustness_steps = 16, (3,)
+    names = args.methods or (QUICK if args.quick else DEFAULT)
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"error: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
@@ -298,6 +449,12 @@ def main(args: Args):
         raise SystemExit("error: --images must be a positive multiple of --images-per-epoch, itself a multiple of 16")
     if args.eval_every < 1 or args.jobs < 1 or args.num_steps < 1 or not args.seeds:
         raise SystemExit("error: --eval-every, --jobs and --num-steps must be at least 1, and --seeds must name one")
+    if args.final_images < 1 or not all(1 <= n <= 1000 for n in args.robustness_steps):
+        raise SystemExit("error: --final-images must be at least 1 and --robustness-steps in [1, 1000]")
+    sets = sorted(p.stem for p in (ROOT / "prompts").glob("*.txt"))
+    for flag, name in (("--prompts", args.prompts), ("--heldout", args.heldout)):
+        if name not in sets:
+            raise SystemExit(f"error: {flag} {name}: not a prompt set in prompts/; choose from {', '.join(sets)}")
     existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
     if not existing.is_dir():
         raise SystemExit(f"error: --out {out}: {existing} is a file; give a folder")
@@ -322,12 +479,17 @@ def main(args: Args):
 
     log(f"{len(runs)} runs: {len(names)} configurations x {len(args.seeds)} seeds, {args.images} images each, "
         f"{args.jobs} at once with {threads} thread(s)")
+    def execute_and_evaluate(run):
+        execute(run, args, threads, log)
+        run.metrics = final_metrics(run, args, final_eval(run, args, threads, log))
+        return run
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda r: execute(r, args, threads, log), runs))
+        runs = list(pool.map(execute_and_evaluate, runs))
 
     rows = []
     for run in runs:
-        evals = read_evals(run, args)
+        evals = run.evals = read_evals(run, args)
         for j, (epoch, images, seconds, reward, kl) in enumerate(evals):
             rows.append(dict(method=run.name, k=next((int(f) for f, g in zip(run.flags[1:], run.flags) if g == "--k"), 1),
                              seed=run.seed, epoch=epoch, images=images, unet_evals=epoch * unet_rows_per_epoch(run, args), seconds=round(seconds, 2),
@@ -338,11 +500,17 @@ def main(args: Args):
         writer.writeheader()
         writer.writerows(rows)
     target = args.target or statistics.mean(r["eval_reward"] for r in rows if r["images"] == 0) + 0.1
-    text = table(rows, target)
+    text = table(rows, target) + "\n\nFinal evaluation (benchmarks/evaluate.py), paired gains over the pretrained " \
+        "model with 95% bootstrap intervals over seeds:\n\n" + final_tables(runs, args, target)
+    with open(out / "final.csv", "w", newline="") as f:
+        keys = sorted({k for r in runs for k in r.metrics})
+        writer = csv.DictWriter(f, fieldnames=["method", "seed", *keys])
+        writer.writeheader()
+        writer.writerows({"method": r.name, "seed": r.seed, **r.metrics} for r in runs)
     (out / "table.md").write_text(text + "\n")
     plot(rows, out, args.prompts)
     print(text)
-    print(f"wrote {out / 'evals.csv'}, {out / 'table.md'} and the figures in {out}")
+    print(f"wrote {out / 'evals.csv'}, {out / 'final.csv'}, {out / 'table.md'} and the figures in {out}")
 
 
 if __name__ == "__main__":

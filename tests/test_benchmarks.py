@@ -60,6 +60,13 @@ def test_study_quick_runs_every_step_and_resumes(tmp_path):
         assert mine[0]["eval_reward"] == rows[0]["eval_reward"]  # the same pretrained model, prompts and noise
     assert set(table((tmp_path / "table.md").read_text(), "method")) == {"loop_k4", "ppo_k1"}
     assert (tmp_path / "reward_vs_images_and_time.png").stat().st_size > 0 and (tmp_path / "loop_reward_vs_k.png").exists()
+    final = {r["method"]: r for r in csv.DictReader(open(tmp_path / "final.csv"))}  # the final evaluation, paired
+    assert set(final) == {"loop_k4", "ppo_k1"} and "reward_gain_3steps" in final["ppo_k1"]
+    assert all(-1 <= float(r[k]) <= 1 for r in final.values() for k in ("reward_gain", "judged_gain", "heldout_gain"))
+    assert all(float(r["kl"]) > 0 for r in final.values())  # trained LoRA: not the pretrained model
+    assert final["loop_k4"]["reward_before"] == final["ppo_k1"]["reward_before"]  # same seed: same noise
+    claims = table((tmp_path / "table.md").read_text(), "claim (a - b > 0)")
+    assert claims["LOOP K=4 beats PPO (DDPO, K=1): sample efficiency"][-1] == "no verdict (1 seed; at least 3)"
     again = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("skip ") == 2, again.stdout[-2000:]
     assert list(csv.DictReader(open(tmp_path / "evals.csv"))) == rows
@@ -91,3 +98,73 @@ def test_demo_seeds_runs_the_readme_command_and_judges_before_and_after(tmp_path
     assert 0 <= before <= 1 and 0 <= after <= 1 and math.isclose(after - before, gain, abs_tol=1.5e-3)
     assert all(0 <= int(v) <= 100 for v in row.groups()[3:5])
     assert (tmp_path / "seed3" / "checkpoints" / "epoch_0001").exists()
+
+
+def _module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_studys_intervals_and_verdicts():
+    """The bootstrap interval holds the mean, is a point for equal values, is the same at the same seed, and covers
+    a normal mean's true value about 95% of the time; verdicts follow the interval's side of 0 (and need 3 seeds)."""
+    import numpy as np
+
+    study = _module("study")
+    assert study.bootstrap([0.2] * 5) == (0.2, 0.2, 0.2)
+    mean, low, high = study.bootstrap([0.1, 0.3, -0.2, 0.5, 0.0])
+    assert math.isclose(mean, 0.14) and -0.2 < low < mean < high < 0.5
+    assert study.bootstrap([0.1, 0.3, -0.2, 0.5, 0.0]) == (mean, low, high)
+    rng = np.random.default_rng(0)  # coverage over 300 draws of 20 values: 95% +- 3 sd of a binomial, widened for
+    covered = sum(low <= 0 <= high for low, high in  # the percentile bootstrap's known undercoverage at small n
+                  (study.bootstrap(rng.normal(0, 1, 20), resamples=2000, seed=i)[1:] for i in range(300)))
+    assert 0.85 * 300 <= covered <= 0.99 * 300, covered
+    assert study.verdict(0.01, 0.2, 5) == "established" and study.verdict(-0.3, -0.01, 5) == "contradicted"
+    assert study.verdict(-0.01, 0.2, 5) == "not established" and study.verdict(0.1, 0.2, 2).startswith("no verdict")
+    evals = [(0, 0, 0.0, 0.3, 0.0), (4, 64, 1.0, 0.45, 0.0), (8, 128, 2.0, 0.5, 0.0)]
+    assert study.images_to_target(evals, 0.44, 320) == (64, True)
+    assert study.images_to_target(evals, 0.6, 320) == (320, False)
+
+
+def test_the_final_evaluations_path_kl_is_exact_and_zero_at_the_start():
+    """benchmarks/evaluate.py's KL to the pretrained model: 0 with the LoRA as initialised (B = 0), and after a
+    perturbation the sum over steps of mean((mu_theta - mu_pre)^2) / (2 sigma_t^2), with sigma_t from DDIM's formula
+    and both means from deterministic steps (noise 0) of the two models."""
+    import torch
+
+    import common
+
+    evaluate = _module("evaluate")
+    pipe = common.load_pipeline("tiny", "cpu", lora_rank=4)
+    args = evaluate.Args(checkpoint="unused", guidance=5.0, eta=1.0, seed=3)
+    neg = common.encode_prompts(pipe, [""])
+    prompts = ["a red circle", "a blue square", "a red circle"]
+    steps = 3
+    traj, embeds = evaluate.sample_set(pipe, prompts, neg, steps=steps, args=args, key=0)
+    assert evaluate.path_kl(pipe, traj, embeds, neg, steps=steps, args=args).abs().max() == 0
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    kl = evaluate.path_kl(pipe, traj, embeds, neg, steps=steps, args=args)
+    sched, expected = pipe.scheduler, torch.zeros(len(prompts))
+    for i, t in enumerate(traj.timesteps):
+        x = traj.latents[:, i]
+        means = []
+        for disabled in (False, True):
+            with common.adapters_disabled(pipe.unet) if disabled else torch.enable_grad():
+                with torch.no_grad():
+                    out = common.guided_noise(pipe.unet, x, t, embeds, neg, 5.0)
+            means.append(common.ddim_step(sched, out, t, x, num_steps=steps, eta=1.0, noise=torch.zeros_like(x))[0])
+        prev = t - sched.config.num_train_timesteps // steps
+        a_t = sched.alphas_cumprod[t]
+        a_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        expected += ((means[0] - means[1]) ** 2 / (2 * var)).mean(dim=(1, 2, 3))
+    assert (kl > 0).all()
+    # float32 arithmetic on both sides: a mean of squares of O(1e-1) differences, compared relatively
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-7)

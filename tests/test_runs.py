@@ -275,7 +275,7 @@ def test_only_a_refused_write_or_an_interrupt_loses_its_traceback(capsys):
     assert seen == [FileNotFoundError, PermissionError, ValueError]
 
 
-STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_k4", "--seeds", "1",
+STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_k4", "--seeds", "1", "--final-images", "8",
          "--eval-every", "1", "--jobs", "1"]
 
 
