@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Args:
     out: str = str(ROOT / "benchmarks" / "study")
     """where the CSV, the figures and the table go (the runs go to OUT/runs)"""
-    seeds: tuple[int, ...] = (1, 2, 3)
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     """seeds of every configuration"""
     methods: Optional[tuple[str, ...]] = None
     """run only these configurations (names as in the table), e.g. loop_k4 ppo_k1 (default: all)"""
@@ -96,7 +96,6 @@ CONFIGS = {
     "score_as_action": ("score_as_action", CLIPPED),
 }
 QUICK = ("loop_k4", "ppo_k1")
-DEFAULT = tuple(n for n in CONFIGS if not n.startswith("dpok_beta"))  # the beta sweep: --methods dpok dpok_beta0 ...
 ROBUSTNESS = ("score_as_action", "ppo_k1")  # also evaluated at --robustness-steps (Score as Action's claim)
 
 # The paired comparisons: (claim, metric, a, b); the difference a - b at each seed (same prompts and noise for both),
@@ -441,7 +440,7 @@ def main(args: Args):
     if args.quick:
         args.seeds, args.images, args.images_per_epoch, args.num_steps, args.eval_every = args.seeds[:1], 32, 16, 5, 1
         args.final_images, args.robustness_steps = 16, (3,)
-    names = args.methods or (QUICK if args.quick else DEFAULT)
+    names = args.methods or (QUICK if args.quick else tuple(CONFIGS))
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"error: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
