@@ -587,6 +587,143 @@ def decode_latents(pipe, latents) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Flow matching (SD 3.x): Flow-GRPO's SDE step with its log-probability (issue 24: not yet wired into the scripts)
+# ----------------------------------------------------------------------------------------------------
+
+TINY_SD3 = "tiny-sd3"  # a random SD3-class model (MMDiT, two CLIP encoders, no T5): tests of the flow path
+
+
+def _offline_sd3(seed: int = 0):
+    """A tiny StableDiffusion3Pipeline with seeded random weights, built without the network: an 8 x 8 x 16 latent
+    (4 x 4 patches of 2), one joint transformer block, two 32-wide CLIP encoders with projections (their pooled
+    outputs concatenated: 64 = `pooled_projection_dim`) and no T5 encoder (diffusers then feeds zeros in its place,
+    as for SD 3.5 loaded without T5). The scheduler is SD3's: FlowMatchEulerDiscreteScheduler with shift 3."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+            pos_embed_max_size=8)
+        vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                            latent_channels=16, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=49407)) for _ in range(2)]
+    tokenizer = clip_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+
+
+def is_flow(pipe) -> bool:
+    """A flow-matching model (SD 3.x: a transformer predicting the velocity), chosen by the loaded model, never by
+    the algorithm."""
+    return hasattr(pipe, "transformer") and not hasattr(pipe, "unet")
+
+
+@torch.no_grad()
+def encode_flow_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """SD3's text conditioning, packed in ONE tensor so that it travels like SD 1.x's (B, 77, D) embeddings (indexed,
+    concatenated, repeated per trajectory): (B, L + 1, D), the L tokens of `encode_prompt` (both CLIPs padded to
+    D, then T5's, zeros without T5) and one more row holding the pooled CLIP embedding (P <= D), zero-padded.
+    `unpack_flow_embeds` splits it. Each distinct prompt is encoded once."""
+    unique = list(dict.fromkeys(prompts))
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=unique, prompt_2=None, prompt_3=None,
+                                              device=pipe.transformer.device, do_classifier_free_guidance=False)
+    if pooled.shape[-1] > embeds.shape[-1]:
+        fail(f"the pooled text embedding ({pooled.shape[-1]}) is wider than the token embeddings ({embeds.shape[-1]})")
+    packed = torch.cat([embeds, torch.nn.functional.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1]))[:, None]], 1)
+    position = {prompt: i for i, prompt in enumerate(unique)}
+    return packed[torch.tensor([position[p] for p in prompts], device=packed.device)]
+
+
+def unpack_flow_embeds(transformer, packed: torch.Tensor) -> tuple:
+    """(token embeddings (B, L, D), pooled (B, P)) of `encode_flow_prompts`' packing."""
+    return packed[:, :-1], packed[:, -1, :transformer.config.pooled_projection_dim]
+
+
+def guided_velocity(transformer, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
+    """v_hat = v(x, t, 0) + w (v(x, t, c) - v(x, t, 0)) in ONE transformer call, as StableDiffusion3Pipeline guides
+    (w = 1: one conditional call). `t` is the scheduler's timestep, sigma x 1000, a scalar or (B,). float32."""
+    b = latents.shape[0]
+    t = torch.as_tensor(t, device=latents.device).expand(b)
+    both = cfg_embeds(embeds, neg_embeds, guidance)
+    x, t = (latents, t) if guidance == 1.0 else (torch.cat([latents, latents]), torch.cat([t, t]))
+    hidden, pooled = unpack_flow_embeds(transformer, both)
+    v = transformer(hidden_states=x.to(transformer.dtype), timestep=t, encoder_hidden_states=hidden,
+                    pooled_projections=pooled).sample.float()
+    if guidance == 1.0:
+        return v
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def flow_sigmas(scheduler, num_steps: int, device) -> torch.Tensor:
+    """The sampling schedule sigma_0 = 1 > ... > sigma_T = 0 of `num_steps` steps (with the scheduler's shift), (T+1,),
+    float32; the timesteps the transformer sees are sigma_i x 1000, i < T. Sets the scheduler's timesteps."""
+    scheduler.set_timesteps(num_steps, device=device)
+    return scheduler.sigmas.to(device, torch.float32)
+
+
+def flow_step(v, latents, sigma, sigma_next, sigma_1, *, noise_level: float, prev_sample=None, noise=None):
+    """One step of Flow-GRPO's SDE (Liu et al. 2025, arXiv 2505.05470, eq. 9; the reference's `sde_step_with_logprob`):
+    the ODE dx = v dt of x_t = (1 - t) x0 + t eps turned into an SDE with the same marginals,
+        std_t  = a sqrt(sigma / (1 - sigma))                     (a = `noise_level`; at sigma = 1 the reference
+                                                                   divides by 1 - sigma_1, sigma_1 the next sigma)
+        mean   = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,   dt = sigma' - sigma < 0
+        x'     = mean + std_t sqrt(-dt) z
+    a Gaussian policy per step. With a = 0 it is the Euler step x + v dt of FlowMatchEulerDiscreteScheduler.
+    `sigma`, `sigma_next`: scalars or (B,); `sigma_1`: the schedule's second sigma. Sampling passes the noise z;
+    training passes the stored `prev_sample`. Returns (x', log_prob (B,): the MEAN over dimensions, as the DDIM
+    path's, or zeros with a = 0, where the step is deterministic; x0_hat = x - sigma v). All float32."""
+    v, latents = v.float(), latents.float()
+    b, shape = latents.shape[0], (-1,) + (1,) * (latents.dim() - 1)
+    sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b).reshape(shape)
+    sigma_next = torch.as_tensor(sigma_next, device=latents.device, dtype=torch.float32).expand(b).reshape(shape)
+    dt = sigma_next - sigma
+    std_t = noise_level * (sigma / (1 - torch.where(sigma == 1, torch.as_tensor(sigma_1, device=sigma.device), sigma))).sqrt()
+    mean = latents * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = std_t * (-dt).sqrt()
+    if prev_sample is None:
+        prev_sample = mean if noise_level == 0 else mean + std * noise
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std) if noise_level > 0 else latents.new_zeros(b)
+    return prev_sample, log_prob, latents - sigma * v
+
+
+@torch.no_grad()
+def flow_sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, noise_level: float, generator=None,
+                latents=None, decode: bool = True) -> "Trajectories":
+    """`sample` for a flow-matching model: B trajectories of Flow-GRPO's SDE, every x_t and every step's
+    log-probability. All noise drawn up front (x_1 and one z per step); `latents` overrides x_1."""
+    transformer, device = pipe.transformer, embeds.device
+    b, c, h = embeds.shape[0], transformer.config.in_channels, transformer.config.sample_size
+    noise = draw_noise((b, num_steps + 1, c, h, h), generator, device)
+    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    x = noise[:, 0] if latents is None else latents.float()
+    xs, log_probs = [x], []
+    for i in range(num_steps):
+        v = guided_velocity(transformer, x, sigmas[i] * 1000, embeds, neg_embeds, guidance)
+        x, log_prob, _ = flow_step(v, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level=noise_level,
+                                   noise=noise[:, i + 1])
+        xs.append(x)
+        log_probs.append(log_prob)
+    images = None
+    if decode:
+        vae = pipe.vae
+        out = vae.decode((x / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)).sample
+        images = (out.float() / 2 + 0.5).clamp(0, 1)
+    return Trajectories(latents=torch.stack(xs, dim=1), timesteps=sigmas[:-1] * 1000,
+                        log_probs=torch.stack(log_probs, dim=1), images=images)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Rewards (rewards.py) and prompts (prompts/*.txt)
 # ----------------------------------------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ class Args:
     """the checkpoint's LoRA rank"""
     seed: int = 0
     """seed of the evaluation noise (not the run's: runs evaluated with one seed see the same noise)"""
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda if available)"""
     threads: Optional[int] = None
     """torch threads (default: torch's)"""
     out: Optional[str] = None
@@ -87,7 +89,7 @@ def sample_set(pipe, prompts, neg, *, steps, args, key):
 def path_kl(pipe, traj, embeds, neg, *, steps, args) -> torch.Tensor:
     """Per trajectory: sum over steps of mean over dimensions of KL(pi_theta(.|x_t) || pi_pre(.|x_t)), exact for the
     two Gaussians of equal sigma: log N(mu_theta; mu_theta, s) - log N(mu_theta; mu_pre, s) = |dmu|^2 / (2 s^2)."""
-    total = torch.zeros(traj.latents.shape[0])
+    total = torch.zeros(traj.latents.shape[0], device=traj.latents.device)
     for i, t in enumerate(traj.timesteps):
         x = traj.latents[:, i]
         output = common.guided_noise(pipe.unet, x, t, embeds, neg, args.guidance)
@@ -96,8 +98,8 @@ def path_kl(pipe, traj, embeds, neg, *, steps, args) -> torch.Tensor:
         with common.adapters_disabled(pipe.unet):
             output = common.guided_noise(pipe.unet, x, t, embeds, neg, args.guidance)
         _, log_p_pre, _ = common.ddim_step(pipe.scheduler, output, t, x, num_steps=steps, eta=args.eta, prev_sample=mu)
-        total += (log_p_self - log_p_pre).cpu()
-    return total
+        total += log_p_self - log_p_pre
+    return total.cpu()
 
 
 def evaluate(args: Args) -> dict:
@@ -105,7 +107,8 @@ def evaluate(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     path, _ = runs.find_checkpoint(args.checkpoint)
-    pipe = common.load_pipeline("shapes", "cpu", lora_rank=args.lora_rank)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = common.load_pipeline("shapes", device, lora_rank=args.lora_rank)
     runs.load_checkpoint(path, pipe.unet)
     pipe.unet.eval()
     neg = common.encode_prompts(pipe, [""])

@@ -2,8 +2,11 @@
 
 Every method runs as a user runs it (a subprocess of its script, same flags where they mean the same thing)
 at the same budget of generated images, over several seeds. From the runs' TensorBoard events it writes a CSV
-of every evaluation and three figures: eval reward against images seen and against wall-clock (mean and a
-band of one std over seeds, one line per method), and LOOP's final reward against K.
+of every evaluation and three figures: eval reward against images seen and against wall-clock (mean and a 95%
+bootstrap band over seeds, one line per method), and LOOP's final reward against K. After each run it evaluates the
+final checkpoint against the pretrained model on the same noise (benchmarks/evaluate.py) and writes final.csv and,
+in table.md, every configuration's paired gains and each paper's claims as paired differences with 95% bootstrap
+intervals and a verdict.
 
     python benchmarks/study.py                  # the committed figures and table (docs/benchmarks.md)
     python benchmarks/study.py --quick          # a smoke test of the whole pipeline in a few minutes
@@ -66,6 +69,8 @@ class Args:
     """fixed-noise samples of each prompt set in the final evaluation (benchmarks/evaluate.py)"""
     robustness_steps: tuple[int, ...] = (5, 20, 50)
     """step counts the final evaluation adds for score_as_action and ppo_k1 (trained at --num-steps)"""
+    device: Optional[str] = None
+    """cuda or cpu for every run and final evaluation (default: theirs, cuda if available)"""
     quick: bool = False
     """smoke test: two configurations, one seed, 32 images, 5 DDIM steps"""
     target: float = 0.0
@@ -141,7 +146,9 @@ def experiment(run: Run, args: Args) -> list:
 
 def command(run: Run, args: Args) -> list:
     script, *flags = experiment(run, args)
-    return [sys.executable, str(ROOT / script), *flags, "--output-dir", str(run.dir.parent), "--run-name", run.dir.name]
+    device = ["--device", args.device] if args.device else []
+    return [sys.executable, str(ROOT / script), *flags, *device, "--output-dir", str(run.dir.parent), "--run-name",
+            run.dir.name]
 
 
 def run_folder(out: Path, run: Run, args: Args) -> Path:
@@ -247,7 +254,8 @@ def final_eval(run: Run, args: Args, threads: int, log) -> dict:
     with STARTING:
         if STOPPING.is_set():
             return {}
-        proc = subprocess.Popen([*cmd, "--threads", str(threads)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        device = ["--device", args.device] if args.device else []
+        proc = subprocess.Popen([*cmd, *device, "--threads", str(threads)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         CHILDREN.add(proc)
     _, err = proc.communicate()
@@ -381,11 +389,11 @@ def plot(rows: list, out: Path, prompts: str):
         mine = [r for r in rows if r["method"] == name]
         images = sorted({r["images"] for r in mine})
         curves = [[r["eval_reward"] for r in mine if r["images"] == i] for i in images]
-        mean, std = np.array([np.mean(c) for c in curves]), np.array([np.std(c) for c in curves])
+        mean, low, high = np.array([bootstrap(c) for c in curves]).T  # the band: a 95% interval over seeds
         seconds = np.array([np.mean([r["seconds"] for r in mine if r["images"] == i]) for i in images])
         for ax, x in ((axes[0], np.array(images)), (axes[1], seconds)):
             ax.plot(x, mean, label=name)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+            ax.fill_between(x, low, high, alpha=0.15)
     axes[0].set_xlabel("training images generated")
     axes[1].set_xlabel("wall-clock seconds (CPU)")
     for ax in axes:
@@ -399,8 +407,9 @@ def plot(rows: list, out: Path, prompts: str):
     loops = sorted((int(n.split("_k")[1]), n) for n in names if n.startswith("loop_k"))
     if loops:
         fig, ax = plt.subplots(figsize=(5, 4))
-        finals = [[r["eval_reward"] for r in rows if r["method"] == n and r["final"]] for _, n in loops]
-        ax.errorbar([k for k, _ in loops], [np.mean(f) for f in finals], yerr=[np.std(f) for f in finals], marker="o", capsize=4)
+        finals = np.array([bootstrap([r["eval_reward"] for r in rows if r["method"] == n and r["final"]]) for _, n in loops])
+        ax.errorbar([k for k, _ in loops], finals[:, 0], yerr=[finals[:, 0] - finals[:, 1], finals[:, 2] - finals[:, 0]],
+                    marker="o", capsize=4)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("K (images per prompt)")
         ax.set_ylabel("final eval reward")
