@@ -116,6 +116,10 @@ PAIRS = [
     ("DPOK's KL term keeps the model closer to the pretrained one (KL, beta 0 minus 0.01)", "kl", "dpok_beta0", "dpok"),
     ("DPOK's KL term costs reward (gain, beta 0 minus 0.01)", "reward_gain", "dpok_beta0", "dpok"),
     ("DPOK's KL term protects prompts not trained (held-out gain, 0.01 minus beta 0)", "heldout_gain", "dpok", "dpok_beta0"),
+    ("DPOK's KL term at beta 0.1 keeps the model closer (KL, beta 0 minus 0.1)", "kl", "dpok_beta0", "dpok_beta0.1"),
+    ("DPOK's KL term at beta 0.1 costs reward (gain, beta 0 minus 0.1)", "reward_gain", "dpok_beta0", "dpok_beta0.1"),
+    ("DPOK's KL term at beta 0.1 protects prompts not trained (held-out gain, 0.1 minus beta 0)", "heldout_gain",
+     "dpok_beta0.1", "dpok_beta0"),
 ]
 RESAMPLES = 10_000
 
