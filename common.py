@@ -297,15 +297,7 @@ def load_pipeline(
             frozen.to(dtype)
     unet = pipe.unet
     if lora_rank > 0:
-        from peft import LoraConfig
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # LoRA's A matrices are random: seed them
-            unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                                        target_modules=list(lora_targets)))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable weights stay in float32 under mixed precision
+        add_lora(unet, lora_rank, lora_alpha, lora_targets, seed)
     else:
         unet.requires_grad_(True).to(device, torch.float32)
     if gradient_checkpointing:
@@ -318,6 +310,20 @@ def load_pipeline(
     pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device)
     pipe.scheduler.final_alpha_cumprod = pipe.scheduler.final_alpha_cumprod.to(device)
     return pipe
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: Optional[float], targets: Sequence[str], seed: int):
+    """peft LoRA adapters of `rank` on the `targets` projections of a frozen denoiser: A random (seeded by `seed`), B
+    zero, so the model starts exactly at the pretrained one; the adapters are kept in float32 under mixed precision."""
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA's A matrices are random: seed them
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                     target_modules=list(targets)))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights stay in float32 under mixed precision
 
 
 def trainable_parameters(module: torch.nn.Module):
@@ -591,12 +597,16 @@ def decode_latents(pipe, latents) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 TINY_SD3 = "tiny-sd3"  # a random SD3-class model (MMDiT, two CLIP encoders, no T5): tests of the flow path
+# LoRA on every attention projection of SD3's joint blocks, image and text streams (Flow-GRPO's SD 3.5 targets)
+FLOW_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out")
 
 
 def _offline_sd3(seed: int = 0):
     """A tiny StableDiffusion3Pipeline with seeded random weights, built without the network: an 8 x 8 x 16 latent
-    (4 x 4 patches of 2), one joint transformer block, two 32-wide CLIP encoders with projections (their pooled
-    outputs concatenated: 64 = `pooled_projection_dim`) and no T5 encoder (diffusers then feeds zeros in its place,
+    (4 x 4 patches of 2), two joint transformer blocks (the last, as in every SD3, without the text stream's
+    output), two 32-wide CLIP encoders with projections (their pooled outputs concatenated: 64 =
+    `pooled_projection_dim`) and no T5 encoder (diffusers then feeds zeros in its place,
     as for SD 3.5 loaded without T5). The scheduler is SD3's: FlowMatchEulerDiscreteScheduler with shift 3."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -604,7 +614,7 @@ def _offline_sd3(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
             pos_embed_max_size=8)
         vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,

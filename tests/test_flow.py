@@ -87,3 +87,45 @@ def test_the_sde_keeps_the_flows_marginals():
             x, _, _ = common.flow_step(velocity(x, sigmas[i]), x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level=a,
                                        noise=torch.randn(x.shape, generator=g))
         assert abs(x.mean().item() - m) < 0.01 and abs(x.std().item() / s - 1) < 0.04, (shift, a, x.mean(), x.std())
+
+
+def test_sd3_lora_checkpoints_load_in_diffusers_and_resume_exactly(tmp_path):
+    """LoRA on the transformer's attention projections (Flow-GRPO's targets): a checkpoint that runs.save_checkpoint
+    writes loads with StableDiffusion3Pipeline.load_lora_weights into a fresh model and gives the same velocity, and
+    runs.load_checkpoint restores every adapter weight exactly."""
+    import runs
+
+    def fresh(lora: bool):
+        pipe = common._offline_sd3()
+        pipe.transformer.requires_grad_(False)
+        if lora:
+            common.add_lora(pipe.transformer, 4, None, common.FLOW_LORA_TARGETS, seed=0)
+        return pipe
+
+    pipe = fresh(True)
+    names = [n for n, p in pipe.transformer.named_parameters() if p.requires_grad]
+    assert {t for t in common.FLOW_LORA_TARGETS if any(f".{t}.lora_A." in n for n in names)} == set(common.FLOW_LORA_TARGETS)
+    assert all(".lora_" in n for n in names) and all(p.dtype == torch.float32 for p in
+                                                     common.trainable_parameters(pipe.transformer))
+    with torch.no_grad():
+        for i, p in enumerate(common.trainable_parameters(pipe.transformer)):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    runs.save_checkpoint(tmp_path / "ckpt", pipe.transformer, {"epoch": 1})
+    embeds, neg = common.encode_flow_prompts(pipe, ["a red circle", "a blue square"]), common.encode_flow_prompts(pipe, [""])
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = common.guided_velocity(pipe.transformer, x, 700.0, embeds, neg, 5.0)
+        with common.adapters_disabled(pipe.transformer):
+            base = common.guided_velocity(pipe.transformer, x, 700.0, embeds, neg, 5.0)
+    assert (expected - base).norm() > 1e-3 * base.norm()  # the perturbed adapters change the velocity
+
+    other = fresh(False)
+    other.load_lora_weights(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert_close_normwise(common.guided_velocity(other.transformer, x, 700.0, embeds, neg, 5.0), expected)
+
+    resumed = fresh(True)
+    state = runs.load_checkpoint(tmp_path / "ckpt", resumed.transformer)
+    assert state["epoch"] == 1
+    mine = dict(pipe.transformer.named_parameters())
+    assert all(torch.equal(p, mine[n]) for n, p in resumed.transformer.named_parameters() if p.requires_grad)
