@@ -276,20 +276,24 @@ if __name__ == "__main__":
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
+    if common.is_flow(pipe):
+        common.fail("dpok.py does not run on flow-matching (SD 3.x) models yet: DPOK's KL on Flow-GRPO's SDE is not "
+                    "derived here yet; reinforce.py, ppo.py and loop.py run on them")
+    denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
-    params = common.trainable_parameters(pipe.unet)
+    params = common.trainable_parameters(denoiser)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
-    latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2  # DPOK
+    latent_dim = denoiser.config.in_channels * denoiser.config.sample_size**2  # DPOK
     torch.manual_seed(args.seed)  # DPOK: V_phi starts the same on every process
     value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)  # DPOK: float32
     value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)  # DPOK
     start_epoch, global_step, buffer, reward_curve = 0, 0, {}, []  # DPOK
     eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
     if checkpoint:
-        state = runs.load_checkpoint(checkpoint, pipe.unet)
+        state = runs.load_checkpoint(checkpoint, denoiser)
         runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # DPOK
@@ -337,7 +341,7 @@ if __name__ == "__main__":
         g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
         all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
-        pipe.unet.eval()
+        denoiser.eval()
         batches = []
         for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
@@ -376,7 +380,7 @@ if __name__ == "__main__":
         # TRAINING
         # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches drawn uniformly from
         # the buffer (without replacement within a draw), then V_phi's step(s) with --value-fit last
-        pipe.unet.train()
+        denoiser.train()
         info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, later the buffer's staleness
         for m, idx in enumerate(common.progress(micro_batches, enabled=main, desc="training", leave=False)):
@@ -386,7 +390,7 @@ if __name__ == "__main__":
             with common.autocast(device, precision):
                 log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds,
                                                      **sample_kw)
-                with torch.no_grad(), common.adapters_disabled(pipe.unet):
+                with torch.no_grad(), common.adapters_disabled(denoiser):
                     eps_pre = common.guided_eps(pipe, latents, t, embeds, neg_embeds, args.guidance)
             loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre,
                                                               alpha=args.alpha, beta=args.beta, clip=args.clip)
@@ -430,7 +434,7 @@ if __name__ == "__main__":
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             all_buffers = {key: common.gather(value) for key, value in buffer.items()}  # DPOK: all processes', by rank
             if main:
-                run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
+                run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),
