@@ -67,7 +67,8 @@ class Args:
     """torch.compile the UNet"""
     # --- model and sampler
     model: str = common.SD15
-    """hub id or local diffusers folder; offline: `shapes` (the pretrained shapes world, CPU demos) or `tiny` (random, tests)"""
+    """hub id or local diffusers folder (SD 1.x/2.x, or SD 3.x: docs/flow.md); offline: `shapes` (the pretrained shapes
+    world, CPU demos), `tiny` or `tiny-sd3` (random, tests)"""
     lora_rank: int = 4
     """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
     lora_alpha: Optional[float] = None
@@ -75,7 +76,8 @@ class Args:
     num_steps: int = 50
     """DDIM steps T per trajectory"""
     eta: float = 1.0
-    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities"""
+    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities. On an SD 3.x model, the
+    noise level a of Flow-GRPO's SDE (its SD 3.5 configs: 0.7; docs/flow.md)"""
     guidance: float = 7.5  # DPOK
     """classifier-free guidance scale w, used in sampling and in training"""
     sample_batch_size: int = 10  # DPOK
