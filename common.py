@@ -390,11 +390,10 @@ def encode_prompts(pipe, prompts: Sequence[str], pooled: bool = False):
     """CLIP text embeddings, padded to the tokenizer's 77 tokens: (B, 77, D); with `pooled`, also the pooled
     embedding (the last hidden state at the end-of-text token), (B, D), from the same forward. Each distinct prompt
     is encoded once (K images of a prompt share its embedding) and the rows are copied into place. For an SD 3.x model:
-    `encode_flow_prompts`' packed conditioning (no `pooled`)."""
-    if is_flow(pipe):
-        if pooled:
-            fail("the pooled text embedding of an SD 3.x model is packed into its conditioning; `pooled` is SD 1.x's")
-        return encode_flow_prompts(pipe, prompts)
+    `encode_flow_prompts`' packed conditioning, and as `pooled` its pooled CLIP vector zero-padded to D."""
+    if is_flow(pipe):  # the pooled embedding is the packed conditioning's last row (SD3's pooled CLIP vector, padded)
+        packed = encode_flow_prompts(pipe, prompts)
+        return (packed, packed[:, -1]) if pooled else packed
     unique = list(dict.fromkeys(prompts))
     ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
@@ -414,6 +413,13 @@ def guided_noise(unet, latents, t, embeds, neg_embeds, guidance: float) -> torch
     converts it.
     """
     return _guided_noise(unet, latents, t, cfg_embeds(embeds, neg_embeds, guidance), guidance)
+
+
+def guided_output(pipe, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
+    """What `step_log_prob` returns beside the log-probability: eps_hat (SD 1.x/2.x), or v_hat (SD 3.x)."""
+    if is_flow(pipe):
+        return guided_velocity(pipe.transformer, latents, t, embeds, neg_embeds, guidance)
+    return guided_eps(pipe, latents, t, embeds, neg_embeds, guidance)
 
 
 def guided_eps(pipe, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
@@ -530,11 +536,8 @@ def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_ste
         return log_prob.view(b, n), eps.view(b, n, *eps.shape[1:])
     if is_flow(pipe):  # Flow-GRPO's SDE step: t is sigma x 1000; the second element is v_hat, not eps_hat
         v = guided_velocity(pipe.transformer, latents, t, embeds, neg_embeds, guidance)
-        sigmas = flow_sigmas(pipe.scheduler, num_steps, latents.device)
-        t = torch.as_tensor(t, device=latents.device).float().expand(len(v))
-        i = (sigmas[:-1, None] * 1000 - t).abs().argmin(dim=0)  # each transition's step on the sampling schedule
-        _, log_prob, _ = flow_step(v, latents, sigmas[i], sigmas[i + 1], sigmas[1], noise_level=eta,
-                                   prev_sample=next_latents)
+        sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, len(v), num_steps, latents.device)
+        _, log_prob, _ = flow_step(v, latents, sigma, sigma_next, sigma_1, noise_level=eta, prev_sample=next_latents)
         return log_prob, v
     output = guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance)
     _, log_prob, _ = ddim_step(pipe.scheduler, output, t, latents, num_steps=num_steps, eta=eta, prev_sample=next_latents)
@@ -723,6 +726,26 @@ def flow_sigmas(scheduler, num_steps: int, device) -> torch.Tensor:
     float32; the timesteps the transformer sees are sigma_i x 1000, i < T. Sets the scheduler's timesteps."""
     scheduler.set_timesteps(num_steps, device=device)
     return scheduler.sigmas.to(device, torch.float32)
+
+
+def flow_step_sigmas(pipe, t, b: int, num_steps: int, device) -> tuple:
+    """(sigma (b,), sigma' (b,), sigma_1) of transitions at timesteps t = sigma x 1000 (a scalar or (b,)), found on the
+    `num_steps` sampling schedule: what `flow_step` needs to re-evaluate a stored transition."""
+    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    t = torch.as_tensor(t, device=device).float().expand(b)
+    i = (sigmas[:-1, None] * 1000 - t).abs().argmin(dim=0)  # each transition's step on the sampling schedule
+    return sigmas[i], sigmas[i + 1], sigmas[1]
+
+
+def flow_kl_weight(pipe, t, b: int, *, num_steps: int, eta: float) -> torch.Tensor:
+    """(b,): the factor w_t with KL(pi_theta(.|x_t) || pi_pre(.|x_t)) = w_t mean((v_theta - v_pre)^2) per dimension,
+    for two models' flow steps at the same sigma: the means differ by (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
+    (v_theta - v_pre) and share the variance std_t^2 (-dt), so w_t = (1 + std_t^2 (1 - sigma) / (2 sigma))^2 (-dt) /
+    (2 std_t^2). Needs a noise level eta > 0."""
+    sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, b, num_steps, pipe.transformer.device)
+    dt = sigma_next - sigma
+    std_t2 = eta**2 * sigma / (1 - torch.where(sigma == 1, sigma_1, sigma))
+    return (1 + std_t2 * (1 - sigma) / (2 * sigma)) ** 2 * (-dt) / (2 * std_t2)
 
 
 def flow_step(v, latents, sigma, sigma_next, sigma_1, *, noise_level: float, prev_sample=None, noise=None):

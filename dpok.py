@@ -223,20 +223,22 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
     return loss, approx_kl.detach(), clipfrac
 
 
-def kl_to_pretrained(eps, eps_pre):
+def kl_to_pretrained(eps, eps_pre, weight=1.0):
     """DPOK's KL regulariser per transition: mean over latent dimensions of (eps_theta - eps_pre)^2, both CFG-guided
     with the same w. One DDIM step is N(mu, sigma_t^2 I) with mu = c_t * eps + (terms without eps), so
     KL(pi_theta || pi_pre) = c_t^2 / (2 sigma_t^2) * ||eps_theta - eps_pre||^2: this is the per-step KL that the paper
-    sums to bound KL(p_theta(x_0 | c) || p_pre(x_0 | c)), without the per-step weight (as the reference code)."""
-    return ((eps.float() - eps_pre.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
+    sums to bound KL(p_theta(x_0 | c) || p_pre(x_0 | c)), without the per-step weight (as the reference code).
+    On a flow model eps is v and `weight` the per-step factor (common.flow_kl_weight) that makes it the exact
+    Gaussian KL of the two steps per dimension (docs/flow.md: no reference defines DPOK there)."""
+    return weight * ((eps.float() - eps_pre.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
 
 
-def dpok_loss(log_prob, old_log_prob, advantages, eps, eps_pre, *, alpha: float, beta: float, clip: float):
+def dpok_loss(log_prob, old_log_prob, advantages, eps, eps_pre, *, alpha: float, beta: float, clip: float, weight=1.0):
     """The loss of a micro-batch, as the reference assembles it: alpha * policy_loss + beta * mean(kl_to_pretrained),
     L = -alpha * mean(A * clamp(rho, 1 - eps, 1 + eps)) + beta * mean((eps_theta - eps_pre)^2).
     Returns (loss, policy term, KL term, approx_kl, clipfrac)."""
     policy, approx_kl, clipfrac = policy_loss(log_prob, old_log_prob, advantages, clip)
-    kl = kl_to_pretrained(eps, eps_pre).mean()
+    kl = kl_to_pretrained(eps, eps_pre, weight).mean()
     return alpha * policy + beta * kl, policy.detach(), kl.detach(), approx_kl, clipfrac
 
 
@@ -278,9 +280,6 @@ if __name__ == "__main__":
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
-    if common.is_flow(pipe):
-        common.fail("dpok.py does not run on flow-matching (SD 3.x) models yet: DPOK's KL on Flow-GRPO's SDE is not "
-                    "derived here yet; reinforce.py, ppo.py and loop.py run on them")
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
@@ -393,8 +392,10 @@ if __name__ == "__main__":
                 log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds,
                                                      **sample_kw)
                 with torch.no_grad(), common.adapters_disabled(denoiser):
-                    eps_pre = common.guided_eps(pipe, latents, t, embeds, neg_embeds, args.guidance)
-            loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre,
+                    eps_pre = common.guided_output(pipe, latents, t, embeds, neg_embeds, args.guidance)  # v on SD 3.x
+            weight = common.flow_kl_weight(pipe, t, len(t), num_steps=args.num_steps, eta=args.eta) \
+                if common.is_flow(pipe) else 1.0  # DPOK: the exact per-step KL on a flow model (docs/flow.md)
+            loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre, weight=weight,
                                                               alpha=args.alpha, beta=args.beta, clip=args.clip)
             scaler.scale(loss / args.gradient_accumulation_steps).backward()
             info["policy_loss"].append(policy)

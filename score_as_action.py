@@ -283,7 +283,7 @@ if __name__ == "__main__":
                                 compile=args.compile, seed=args.seed)
     if common.is_flow(pipe):
         common.fail("score_as_action.py does not run on flow-matching (SD 3.x) models yet: Score as Action's continuous time on Flow-GRPO's SDE is not "
-                    "derived here yet; reinforce.py, ppo.py and loop.py run on them")
+                    "derived here yet; reinforce.py, ppo.py, loop.py and dpok.py run on them")
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
