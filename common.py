@@ -247,7 +247,7 @@ def load_pipeline(
     mixed_precision: str = "no",
     lora_rank: int = 4,
     lora_alpha: Optional[float] = None,
-    lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    lora_targets: Optional[Sequence[str]] = None,
     gradient_checkpointing: bool = False,
     compile: bool = False,
     seed: int = 0,
@@ -264,24 +264,41 @@ def load_pipeline(
     stores the UNet's 4-D weights in channels-last memory format (the same model; convolutions may round
     differently, and run faster on some devices: docs/performance.md). `compile` wraps the UNet's forward in
     `torch.compile`. The model must predict eps or v (`PREDICTION_TYPES`).
+
+    An SD 3.x model (a StableDiffusion3Pipeline folder or hub id, or `tiny-sd3`) loads the same way with its
+    transformer in the UNet's place (`denoiser`), its three text encoders frozen (T5 may be absent) and its flow
+    scheduler kept; `lora_targets` (default: the UNet's attention projections, or for SD3 `FLOW_LORA_TARGETS`).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     if model == SHAPES:
         model = str(SHAPES_DIR)
-    if model in (TINY, SD15_RANDOM):
+    if model == TINY_SD3:
+        pipe = _offline_sd3(seed=0)
+    elif model in (TINY, SD15_RANDOM):
         pipe = _offline_pipeline(model, seed=0)  # the "pretrained" weights are the same for every run
     else:
         try:
+            from diffusers import DiffusionPipeline
+
+            sd3 = DiffusionPipeline.load_config(model).get("_class_name", "").startswith("StableDiffusion3")
             # float32 first: frozen parts are cast below, a trained full UNet must not start from rounded weights
-            pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32,
-                                                           safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=torch.float32) if sd3 else \
+                StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None,
+                                                        requires_safety_checker=False)
         except (OSError, ValueError) as e:  # not a folder, not in the cache, hub unreachable or id malformed
             fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local "
                  f"Hugging Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local folder.")
         except Exception as e:  # noqa: BLE001 - a folder that is there but incomplete or foreign (e.g. model_index.json {})
             fail(f"model {model!r} is not a complete diffusers Stable Diffusion folder ({one_line(e)}); check its "
                  f"model_index.json and subfolders, or use --model tiny for the offline model")
+    if is_flow(pipe):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+            fail(f"model {model!r} is an SD 3.x model with a {type(pipe.scheduler).__name__}; the flow step here needs "
+                 f"its FlowMatchEulerDiscreteScheduler")
+    elif model not in (TINY, SD15_RANDOM):
         pipe.scheduler = ddim_scheduler(pipe.scheduler.config)
         if pipe.scheduler.config.set_alpha_to_one:
             fail(f"model {model!r} has a scheduler with set_alpha_to_one=True: its last DDIM step is deterministic and "
@@ -291,21 +308,15 @@ def load_pipeline(
                  f"{' and '.join(PREDICTION_TYPES)} models (SD 1.x, SD 2.x)")
     dtype = DTYPES[mixed_precision]
     pipe.set_progress_bar_config(disable=True)
-    for frozen in (pipe.vae, pipe.text_encoder) + ((pipe.unet,) if lora_rank > 0 else ()):
+    unet = denoiser(pipe)
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    for frozen in [pipe.vae, *filter(None, encoders)] + ([unet] if lora_rank > 0 else []):
         frozen.requires_grad_(False).to(device)
         if dtype != frozen.dtype:
             frozen.to(dtype)
-    unet = pipe.unet
     if lora_rank > 0:
-        from peft import LoraConfig
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # LoRA's A matrices are random: seed them
-            unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                                        target_modules=list(lora_targets)))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable weights stay in float32 under mixed precision
+        targets = lora_targets or (FLOW_LORA_TARGETS if is_flow(pipe) else ("to_q", "to_k", "to_v", "to_out.0"))
+        add_lora(unet, lora_rank, lora_alpha, targets, seed)
     else:
         unet.requires_grad_(True).to(device, torch.float32)
     if gradient_checkpointing:
@@ -314,10 +325,29 @@ def load_pipeline(
         unet.to(memory_format=torch.channels_last)
     if compile:
         unet.compile()
-    # The DDIM step indexes these with device tensors: keep them on the device (no per-step copies).
-    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device)
-    pipe.scheduler.final_alpha_cumprod = pipe.scheduler.final_alpha_cumprod.to(device)
+    if not is_flow(pipe):  # the DDIM step indexes these with device tensors: keep them on the device
+        pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device)
+        pipe.scheduler.final_alpha_cumprod = pipe.scheduler.final_alpha_cumprod.to(device)
     return pipe
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The network that is trained: SD 1.x/2.x's UNet, or SD 3.x's transformer."""
+    return pipe.transformer if is_flow(pipe) else pipe.unet
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: Optional[float], targets: Sequence[str], seed: int):
+    """peft LoRA adapters of `rank` on the `targets` projections of a frozen denoiser: A random (seeded by `seed`), B
+    zero, so the model starts exactly at the pretrained one; the adapters are kept in float32 under mixed precision."""
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA's A matrices are random: seed them
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                     target_modules=list(targets)))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights stay in float32 under mixed precision
 
 
 def trainable_parameters(module: torch.nn.Module):
@@ -359,7 +389,11 @@ def adapters_disabled(unet):
 def encode_prompts(pipe, prompts: Sequence[str], pooled: bool = False):
     """CLIP text embeddings, padded to the tokenizer's 77 tokens: (B, 77, D); with `pooled`, also the pooled
     embedding (the last hidden state at the end-of-text token), (B, D), from the same forward. Each distinct prompt
-    is encoded once (K images of a prompt share its embedding) and the rows are copied into place."""
+    is encoded once (K images of a prompt share its embedding) and the rows are copied into place. For an SD 3.x model:
+    `encode_flow_prompts`' packed conditioning, and as `pooled` its pooled CLIP vector zero-padded to D."""
+    if is_flow(pipe):  # the pooled embedding is the packed conditioning's last row (SD3's pooled CLIP vector, padded)
+        packed = encode_flow_prompts(pipe, prompts)
+        return (packed, packed[:, -1]) if pooled else packed
     unique = list(dict.fromkeys(prompts))
     ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
@@ -379,6 +413,13 @@ def guided_noise(unet, latents, t, embeds, neg_embeds, guidance: float) -> torch
     converts it.
     """
     return _guided_noise(unet, latents, t, cfg_embeds(embeds, neg_embeds, guidance), guidance)
+
+
+def guided_output(pipe, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
+    """What `step_log_prob` returns beside the log-probability: eps_hat (SD 1.x/2.x), or v_hat (SD 3.x)."""
+    if is_flow(pipe):
+        return guided_velocity(pipe.transformer, latents, t, embeds, neg_embeds, guidance)
+    return guided_eps(pipe, latents, t, embeds, neg_embeds, guidance)
 
 
 def guided_eps(pipe, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
@@ -493,6 +534,11 @@ def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_ste
                                       embeds.repeat_interleave(n, dim=0), neg_embeds, num_steps=num_steps,
                                       guidance=guidance, eta=eta)
         return log_prob.view(b, n), eps.view(b, n, *eps.shape[1:])
+    if is_flow(pipe):  # Flow-GRPO's SDE step: t is sigma x 1000; the second element is v_hat, not eps_hat
+        v = guided_velocity(pipe.transformer, latents, t, embeds, neg_embeds, guidance)
+        sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, len(v), num_steps, latents.device)
+        _, log_prob, _ = flow_step(v, latents, sigma, sigma_next, sigma_1, noise_level=eta, prev_sample=next_latents)
+        return log_prob, v
     output = guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance)
     _, log_prob, _ = ddim_step(pipe.scheduler, output, t, latents, num_steps=num_steps, eta=eta, prev_sample=next_latents)
     return log_prob, predicted_eps(pipe.scheduler, output, t, latents)
@@ -540,8 +586,14 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
     """Sample B trajectories with DDIM(eta), storing every x_t and every step's log-probability.
 
     All the noise (x_T and one z per step) is drawn up front from `generator` (one, or a list of B),
-    so the timestep loop makes no RNG calls and no host syncs. `latents` overrides x_T.
+    so the timestep loop makes no RNG calls and no host syncs. `latents` overrides x_T. An SD 3.x model samples
+    Flow-GRPO's SDE instead (`flow_sample`), `eta` being its noise level a.
     """
+    if is_flow(pipe):
+        if return_pred_x0:
+            fail("pred_x0 along a flow trajectory is not implemented (issue 24)")
+        return flow_sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, noise_level=eta,
+                           generator=generator, latents=latents, decode=decode)
     unet, scheduler, device = pipe.unet, pipe.scheduler, embeds.device
     if num_steps > scheduler.config.num_train_timesteps:
         fail(f"{num_steps} sampling steps: the model has only {scheduler.config.num_train_timesteps} training timesteps")
@@ -572,7 +624,7 @@ def evaluate(pipe, prompts: Sequence[str], reward_fn, neg_embeds, *, num_steps: 
     """Fixed prompts and fixed noise (independent of the epoch): comparable images and rewards over training."""
     embeds = encode_prompts(pipe, prompts)
     gens = sample_generators(seed, -1, range(len(prompts)), embeds.device)
-    c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    c, h = denoiser(pipe).config.in_channels, denoiser(pipe).config.sample_size
     x_T = draw_noise((len(prompts), c, h, h), gens, embeds.device)  # its own draw: the same x_T for any step count
     traj = sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, eta=eta, generator=gens, latents=x_T)
     return traj.images, reward_fn(traj.images, list(prompts))
@@ -581,22 +633,26 @@ def evaluate(pipe, prompts: Sequence[str], reward_fn, neg_embeds, *, num_steps: 
 @torch.no_grad()
 def decode_latents(pipe, latents) -> torch.Tensor:
     """VAE decode to float32 images in [0, 1]: (B, 3, H, W)."""
-    vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    vae = pipe.vae  # SD 3.x's VAE also shifts its latents (`shift_factor`); SD 1.x's has none
+    images = vae.decode((latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).to(vae.dtype)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Flow matching (SD 3.x): Flow-GRPO's SDE step with its log-probability (issue 24: not yet wired into the scripts)
+# Flow matching (SD 3.x): Flow-GRPO's SDE step with its log-probability (issue 24)
 # ----------------------------------------------------------------------------------------------------
 
 TINY_SD3 = "tiny-sd3"  # a random SD3-class model (MMDiT, two CLIP encoders, no T5): tests of the flow path
+# LoRA on every attention projection of SD3's joint blocks, image and text streams (Flow-GRPO's SD 3.5 targets)
+FLOW_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out")
 
 
 def _offline_sd3(seed: int = 0):
     """A tiny StableDiffusion3Pipeline with seeded random weights, built without the network: an 8 x 8 x 16 latent
-    (4 x 4 patches of 2), one joint transformer block, two 32-wide CLIP encoders with projections (their pooled
-    outputs concatenated: 64 = `pooled_projection_dim`) and no T5 encoder (diffusers then feeds zeros in its place,
+    (4 x 4 patches of 2), two joint transformer blocks (the last, as in every SD3, without the text stream's
+    output), two 32-wide CLIP encoders with projections (their pooled outputs concatenated: 64 =
+    `pooled_projection_dim`) and no T5 encoder (diffusers then feeds zeros in its place,
     as for SD 3.5 loaded without T5). The scheduler is SD3's: FlowMatchEulerDiscreteScheduler with shift 3."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -604,7 +660,7 @@ def _offline_sd3(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
             pos_embed_max_size=8)
         vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -672,6 +728,26 @@ def flow_sigmas(scheduler, num_steps: int, device) -> torch.Tensor:
     return scheduler.sigmas.to(device, torch.float32)
 
 
+def flow_step_sigmas(pipe, t, b: int, num_steps: int, device) -> tuple:
+    """(sigma (b,), sigma' (b,), sigma_1) of transitions at timesteps t = sigma x 1000 (a scalar or (b,)), found on the
+    `num_steps` sampling schedule: what `flow_step` needs to re-evaluate a stored transition."""
+    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    t = torch.as_tensor(t, device=device).float().expand(b)
+    i = (sigmas[:-1, None] * 1000 - t).abs().argmin(dim=0)  # each transition's step on the sampling schedule
+    return sigmas[i], sigmas[i + 1], sigmas[1]
+
+
+def flow_kl_weight(pipe, t, b: int, *, num_steps: int, eta: float) -> torch.Tensor:
+    """(b,): the factor w_t with KL(pi_theta(.|x_t) || pi_pre(.|x_t)) = w_t mean((v_theta - v_pre)^2) per dimension,
+    for two models' flow steps at the same sigma: the means differ by (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
+    (v_theta - v_pre) and share the variance std_t^2 (-dt), so w_t = (1 + std_t^2 (1 - sigma) / (2 sigma))^2 (-dt) /
+    (2 std_t^2). Needs a noise level eta > 0."""
+    sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, b, num_steps, pipe.transformer.device)
+    dt = sigma_next - sigma
+    std_t2 = eta**2 * sigma / (1 - torch.where(sigma == 1, sigma_1, sigma))
+    return (1 + std_t2 * (1 - sigma) / (2 * sigma)) ** 2 * (-dt) / (2 * std_t2)
+
+
 def flow_step(v, latents, sigma, sigma_next, sigma_1, *, noise_level: float, prev_sample=None, noise=None):
     """One step of Flow-GRPO's SDE (Liu et al. 2025, arXiv 2505.05470, eq. 9; the reference's `sde_step_with_logprob`):
     the ODE dx = v dt of x_t = (1 - t) x0 + t eps turned into an SDE with the same marginals,
@@ -714,13 +790,8 @@ def flow_sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, no
                                    noise=noise[:, i + 1])
         xs.append(x)
         log_probs.append(log_prob)
-    images = None
-    if decode:
-        vae = pipe.vae
-        out = vae.decode((x / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)).sample
-        images = (out.float() / 2 + 0.5).clamp(0, 1)
     return Trajectories(latents=torch.stack(xs, dim=1), timesteps=sigmas[:-1] * 1000,
-                        log_probs=torch.stack(log_probs, dim=1), images=images)
+                        log_probs=torch.stack(log_probs, dim=1), images=decode_latents(pipe, x) if decode else None)
 
 
 # ----------------------------------------------------------------------------------------------------

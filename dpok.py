@@ -67,7 +67,8 @@ class Args:
     """torch.compile the UNet"""
     # --- model and sampler
     model: str = common.SD15
-    """hub id or local diffusers folder; offline: `shapes` (the pretrained shapes world, CPU demos) or `tiny` (random, tests)"""
+    """hub id or local diffusers folder (SD 1.x/2.x, or SD 3.x: docs/flow.md); offline: `shapes` (the pretrained shapes
+    world, CPU demos), `tiny` or `tiny-sd3` (random, tests)"""
     lora_rank: int = 4
     """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
     lora_alpha: Optional[float] = None
@@ -75,7 +76,8 @@ class Args:
     num_steps: int = 50
     """DDIM steps T per trajectory"""
     eta: float = 1.0
-    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities"""
+    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities. On an SD 3.x model, the
+    noise level a of Flow-GRPO's SDE (its SD 3.5 configs: 0.7; docs/flow.md)"""
     guidance: float = 7.5  # DPOK
     """classifier-free guidance scale w, used in sampling and in training"""
     sample_batch_size: int = 10  # DPOK
@@ -221,20 +223,22 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
     return loss, approx_kl.detach(), clipfrac
 
 
-def kl_to_pretrained(eps, eps_pre):
+def kl_to_pretrained(eps, eps_pre, weight=1.0):
     """DPOK's KL regulariser per transition: mean over latent dimensions of (eps_theta - eps_pre)^2, both CFG-guided
     with the same w. One DDIM step is N(mu, sigma_t^2 I) with mu = c_t * eps + (terms without eps), so
     KL(pi_theta || pi_pre) = c_t^2 / (2 sigma_t^2) * ||eps_theta - eps_pre||^2: this is the per-step KL that the paper
-    sums to bound KL(p_theta(x_0 | c) || p_pre(x_0 | c)), without the per-step weight (as the reference code)."""
-    return ((eps.float() - eps_pre.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
+    sums to bound KL(p_theta(x_0 | c) || p_pre(x_0 | c)), without the per-step weight (as the reference code).
+    On a flow model eps is v and `weight` the per-step factor (common.flow_kl_weight) that makes it the exact
+    Gaussian KL of the two steps per dimension (docs/flow.md: no reference defines DPOK there)."""
+    return weight * ((eps.float() - eps_pre.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
 
 
-def dpok_loss(log_prob, old_log_prob, advantages, eps, eps_pre, *, alpha: float, beta: float, clip: float):
+def dpok_loss(log_prob, old_log_prob, advantages, eps, eps_pre, *, alpha: float, beta: float, clip: float, weight=1.0):
     """The loss of a micro-batch, as the reference assembles it: alpha * policy_loss + beta * mean(kl_to_pretrained),
     L = -alpha * mean(A * clamp(rho, 1 - eps, 1 + eps)) + beta * mean((eps_theta - eps_pre)^2).
     Returns (loss, policy term, KL term, approx_kl, clipfrac)."""
     policy, approx_kl, clipfrac = policy_loss(log_prob, old_log_prob, advantages, clip)
-    kl = kl_to_pretrained(eps, eps_pre).mean()
+    kl = kl_to_pretrained(eps, eps_pre, weight).mean()
     return alpha * policy + beta * kl, policy.detach(), kl.detach(), approx_kl, clipfrac
 
 
@@ -276,20 +280,21 @@ if __name__ == "__main__":
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
+    denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
-    params = common.trainable_parameters(pipe.unet)
+    params = common.trainable_parameters(denoiser)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
-    latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2  # DPOK
+    latent_dim = denoiser.config.in_channels * denoiser.config.sample_size**2  # DPOK
     torch.manual_seed(args.seed)  # DPOK: V_phi starts the same on every process
     value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)  # DPOK: float32
     value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)  # DPOK
     start_epoch, global_step, buffer, reward_curve = 0, 0, {}, []  # DPOK
     eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
     if checkpoint:
-        state = runs.load_checkpoint(checkpoint, pipe.unet)
+        state = runs.load_checkpoint(checkpoint, denoiser)
         runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # DPOK
@@ -337,7 +342,7 @@ if __name__ == "__main__":
         g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
         all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
-        pipe.unet.eval()
+        denoiser.eval()
         batches = []
         for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
@@ -376,7 +381,7 @@ if __name__ == "__main__":
         # TRAINING
         # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches drawn uniformly from
         # the buffer (without replacement within a draw), then V_phi's step(s) with --value-fit last
-        pipe.unet.train()
+        denoiser.train()
         info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, later the buffer's staleness
         for m, idx in enumerate(common.progress(micro_batches, enabled=main, desc="training", leave=False)):
@@ -386,9 +391,11 @@ if __name__ == "__main__":
             with common.autocast(device, precision):
                 log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds,
                                                      **sample_kw)
-                with torch.no_grad(), common.adapters_disabled(pipe.unet):
-                    eps_pre = common.guided_eps(pipe, latents, t, embeds, neg_embeds, args.guidance)
-            loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre,
+                with torch.no_grad(), common.adapters_disabled(denoiser):
+                    eps_pre = common.guided_output(pipe, latents, t, embeds, neg_embeds, args.guidance)  # v on SD 3.x
+            weight = common.flow_kl_weight(pipe, t, len(t), num_steps=args.num_steps, eta=args.eta) \
+                if common.is_flow(pipe) else 1.0  # DPOK: the exact per-step KL on a flow model (docs/flow.md)
+            loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre, weight=weight,
                                                               alpha=args.alpha, beta=args.beta, clip=args.clip)
             scaler.scale(loss / args.gradient_accumulation_steps).backward()
             info["policy_loss"].append(policy)
@@ -430,7 +437,7 @@ if __name__ == "__main__":
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             all_buffers = {key: common.gather(value) for key, value in buffer.items()}  # DPOK: all processes', by rank
             if main:
-                run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
+                run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),

@@ -64,7 +64,8 @@ class Args:
     """torch.compile the UNet"""
     # --- model and sampler
     model: str = common.SD15
-    """hub id or local diffusers folder; offline: `shapes` (the pretrained shapes world, CPU demos) or `tiny` (random, tests)"""
+    """hub id or local diffusers folder (SD 1.x/2.x, or SD 3.x: docs/flow.md); offline: `shapes` (the pretrained shapes
+    world, CPU demos), `tiny` or `tiny-sd3` (random, tests)"""
     lora_rank: int = 4
     """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
     lora_alpha: Optional[float] = None
@@ -72,7 +73,8 @@ class Args:
     num_steps: int = 50
     """DDIM steps T per trajectory"""
     eta: float = 1.0
-    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities"""
+    """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities. On an SD 3.x model, the
+    noise level a of Flow-GRPO's SDE (its SD 3.5 configs: 0.7; docs/flow.md)"""
     guidance: float = 5.0
     """classifier-free guidance scale w, used in sampling and in training"""
     sample_batch_size: int = 8
@@ -163,8 +165,9 @@ if __name__ == "__main__":
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
+    denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
-    params = common.trainable_parameters(pipe.unet)
+    params = common.trainable_parameters(denoiser)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -172,7 +175,7 @@ if __name__ == "__main__":
     start_epoch, global_step, reward_curve = 0, 0, []
     eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
     if checkpoint:
-        state = runs.load_checkpoint(checkpoint, pipe.unet)
+        state = runs.load_checkpoint(checkpoint, denoiser)
         runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]
@@ -215,7 +218,7 @@ if __name__ == "__main__":
         g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
         all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
-        pipe.unet.eval()
+        denoiser.eval()
         batches = []
         for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
@@ -239,7 +242,7 @@ if __name__ == "__main__":
         reward_curve.append(rewards.mean().item())
 
         # TRAINING
-        pipe.unet.train()
+        denoiser.train()
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
         for inner in range(1):  # strictly on-policy: a single pass over the samples
@@ -293,7 +296,7 @@ if __name__ == "__main__":
             log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if main:
-                run.save(epoch + 1, pipe.unet, {  # only finite weights; the training state records the run
+                run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve})

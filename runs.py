@@ -75,6 +75,11 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
+def _is_sd3(model) -> bool:
+    """The denoiser is SD 3.x's transformer (its LoRA is saved under `transformer.`, SD 1.x's UNet's under `unet.`)."""
+    return type(model).__name__ == "SD3Transformer2DModel"
+
+
 def save_checkpoint(path: Union[str, Path], unet, state: dict):
     """Write `path/` = LoRA weights (loadable by `pipe.load_lora_weights(path)`) + training state.
 
@@ -95,7 +100,14 @@ def save_checkpoint(path: Union[str, Path], unet, state: dict):
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if getattr(unet, "peft_config", None):
+        if getattr(unet, "peft_config", None) and _is_sd3(unet):  # diffusers' SD3 LoRA format: peft keys
+            from diffusers import StableDiffusion3Pipeline
+            from peft.utils import get_peft_model_state_dict
+
+            StableDiffusion3Pipeline.save_lora_weights(
+                tmp, transformer_lora_layers=get_peft_model_state_dict(unet),
+                transformer_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        elif getattr(unet, "peft_config", None):
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
@@ -128,8 +140,12 @@ def load_checkpoint(path: Union[str, Path], unet) -> dict:
             from diffusers.utils import convert_unet_state_dict_to_peft
             from peft import set_peft_model_state_dict
 
-            weights = {k.removeprefix("unet."): v for k, v in load_file(path / LORA_FILE).items()}
-            result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+            if _is_sd3(unet):
+                weights = {k.removeprefix("transformer."): v for k, v in load_file(path / LORA_FILE).items()}
+            else:
+                weights = convert_unet_state_dict_to_peft(
+                    {k.removeprefix("unet."): v for k, v in load_file(path / LORA_FILE).items()})
+            result = set_peft_model_state_dict(unet, weights)
             if getattr(result, "unexpected_keys", None):
                 raise KeyError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
         else:

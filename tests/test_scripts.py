@@ -103,18 +103,19 @@ def test_resume_is_bit_identical(two_epochs, tmp_path, script):
         assert sa["stats"] == sb["stats"]
 
 
-@pytest.mark.parametrize("script", ["ppo", "loop"])
-def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path, script):
+@pytest.mark.parametrize("script,model", [("ppo", "tiny"), ("loop", "tiny"), ("loop", common.TINY_SD3)])
+def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path, script, model):
     """One update: 2 processes x 2 images equals 1 process x 4 images (same prompts, noise and advantages;
-    gradients averaged across processes). For LOOP (K = 2) each process holds one whole group.
+    gradients averaged across processes). For LOOP (K = 2) each process holds one whole group; LOOP again on the
+    tiny SD3-class model (the flow path).
 
     What the claim is about is the averaged gradient, so that is what is compared: after one AdamW step from zero
     moments, exp_avg = (1 - beta1) g exactly, g the clipped, averaged gradient. The two runs sum the same terms in
     another order and batch shape, so g agrees to NETWORK_RTOL in norm (tests/helpers.py says why). The weights
     after the Adam step are not compared: Adam divides each element by its own magnitude, so a near-zero gradient
     element's last-bit difference becomes a visible step (an Intel AVX-512 CPU failed such a comparison)."""
-    common_args = [*TINY, "--k", 2, "--num-epochs", 1, "--gradient-accumulation-steps", 1, "--output-dir", tmp_path,
-                   "--image-every", 0]
+    common_args = [*[model if f == "tiny" else f for f in TINY], "--k", 2, "--num-epochs", 1,
+                   "--gradient-accumulation-steps", 1, "--output-dir", tmp_path, "--image-every", 0]
     run(script, *common_args, "--sample-batch-size", 2, "--train-batch-size", 2, "--run-name", "two", torchrun=2)
     run(script, *common_args, "--sample-batch-size", 4, "--train-batch-size", 4, "--run-name", "one")
     two, one = (training_state(tmp_path / name / "checkpoints" / "epoch_0001") for name in ("two", "one"))
