@@ -737,12 +737,12 @@ def flow_step_sigmas(pipe, t, b: int, num_steps: int, device) -> tuple:
     return sigmas[i], sigmas[i + 1], sigmas[1]
 
 
-def flow_kl_weight(pipe, t, b: int, *, num_steps: int, eta: float) -> torch.Tensor:
-    """(b,): the factor w_t with KL(pi_theta(.|x_t) || pi_pre(.|x_t)) = w_t mean((v_theta - v_pre)^2) per dimension,
+def flow_kl_weight(pipe, t: torch.Tensor, *, num_steps: int, eta: float) -> torch.Tensor:
+    """(b,) for timesteps t (b,): the factor w_t with KL(pi_theta(.|x_t) || pi_pre(.|x_t)) = w_t mean((v_theta - v_pre)^2) per dimension,
     for two models' flow steps at the same sigma: the means differ by (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
     (v_theta - v_pre) and share the variance std_t^2 (-dt), so w_t = (1 + std_t^2 (1 - sigma) / (2 sigma))^2 (-dt) /
     (2 std_t^2). Needs a noise level eta > 0."""
-    sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, b, num_steps, pipe.transformer.device)
+    sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, t.numel(), num_steps, pipe.transformer.device)
     dt = sigma_next - sigma
     std_t2 = eta**2 * sigma / (1 - torch.where(sigma == 1, sigma_1, sigma))
     return (1 + std_t2 * (1 - sigma) / (2 * sigma)) ** 2 * (-dt) / (2 * std_t2)

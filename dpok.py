@@ -393,8 +393,7 @@ if __name__ == "__main__":
                                                      **sample_kw)
                 with torch.no_grad(), common.adapters_disabled(denoiser):
                     eps_pre = common.guided_output(pipe, latents, t, embeds, neg_embeds, args.guidance)  # v on SD 3.x
-            weight = common.flow_kl_weight(pipe, t, len(t), num_steps=args.num_steps, eta=args.eta) \
-                if common.is_flow(pipe) else 1.0  # DPOK: the exact per-step KL on a flow model (docs/flow.md)
+            weight = common.flow_kl_weight(pipe, t, num_steps=args.num_steps, eta=args.eta) if common.is_flow(pipe) else 1.0
             loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre, weight=weight,
                                                               alpha=args.alpha, beta=args.beta, clip=args.clip)
             scaler.scale(loss / args.gradient_accumulation_steps).backward()

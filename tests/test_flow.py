@@ -201,7 +201,7 @@ def test_dpoks_flow_kl_is_the_exact_gaussian_kl_of_the_two_steps_and_pulls_towar
         v = common.guided_output(pipe, x, t, c, neg, 5.0)
         with torch.no_grad(), common.adapters_disabled(pipe.transformer):
             v_pre = common.guided_output(pipe, x, t, c, neg, 5.0)
-        return dpok.kl_to_pretrained(v, v_pre, common.flow_kl_weight(pipe, t, len(t), num_steps=4, eta=0.7)), v, v_pre
+        return dpok.kl_to_pretrained(v, v_pre, common.flow_kl_weight(pipe, t, num_steps=4, eta=0.7)), v, v_pre
 
     kl, v, v_pre = kl_term()
     sigma, sigma_next, sigma_1 = common.flow_step_sigmas(pipe, t, len(t), 4, "cpu")
