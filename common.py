@@ -590,10 +590,8 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
     Flow-GRPO's SDE instead (`flow_sample`), `eta` being its noise level a.
     """
     if is_flow(pipe):
-        if return_pred_x0:
-            fail("pred_x0 along a flow trajectory is not implemented (issue 24)")
         return flow_sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, noise_level=eta,
-                           generator=generator, latents=latents, decode=decode)
+                           generator=generator, latents=latents, return_pred_x0=return_pred_x0, decode=decode)
     unet, scheduler, device = pipe.unet, pipe.scheduler, embeds.device
     if num_steps > scheduler.config.num_train_timesteps:
         fail(f"{num_steps} sampling steps: the model has only {scheduler.config.num_train_timesteps} training timesteps")
@@ -775,23 +773,27 @@ def flow_step(v, latents, sigma, sigma_next, sigma_1, *, noise_level: float, pre
 
 @torch.no_grad()
 def flow_sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, noise_level: float, generator=None,
-                latents=None, decode: bool = True) -> "Trajectories":
+                latents=None, return_pred_x0: bool = False, decode: bool = True) -> "Trajectories":
     """`sample` for a flow-matching model: B trajectories of Flow-GRPO's SDE, every x_t and every step's
-    log-probability. All noise drawn up front (x_1 and one z per step); `latents` overrides x_1."""
+    log-probability (and on request x0_hat = x_t - sigma v_hat at every step). All noise drawn up front (x_1 and one z
+    per step); `latents` overrides x_1."""
     transformer, device = pipe.transformer, embeds.device
     b, c, h = embeds.shape[0], transformer.config.in_channels, transformer.config.sample_size
     noise = draw_noise((b, num_steps + 1, c, h, h), generator, device)
     sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
     x = noise[:, 0] if latents is None else latents.float()
-    xs, log_probs = [x], []
+    xs, log_probs, x0s = [x], [], []
     for i in range(num_steps):
         v = guided_velocity(transformer, x, sigmas[i] * 1000, embeds, neg_embeds, guidance)
-        x, log_prob, _ = flow_step(v, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level=noise_level,
-                                   noise=noise[:, i + 1])
+        x, log_prob, x0 = flow_step(v, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level=noise_level,
+                                    noise=noise[:, i + 1])
         xs.append(x)
         log_probs.append(log_prob)
+        if return_pred_x0:
+            x0s.append(x0)
     return Trajectories(latents=torch.stack(xs, dim=1), timesteps=sigmas[:-1] * 1000,
-                        log_probs=torch.stack(log_probs, dim=1), images=decode_latents(pipe, x) if decode else None)
+                        log_probs=torch.stack(log_probs, dim=1), images=decode_latents(pipe, x) if decode else None,
+                        pred_x0=torch.stack(x0s, dim=1) if return_pred_x0 else None)
 
 
 # ----------------------------------------------------------------------------------------------------

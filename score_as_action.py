@@ -219,13 +219,20 @@ def denoised_rewards(pipe, reward_fn, pred_x0, texts, chunk: int):  # SaA
 @torch.no_grad()
 def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guidance, eta, chunk: int):  # SaA
     """kl_terms of every state x_{t_k} of B trajectories, latents (B, T+1, ...) -> (B, T): s_theta and s_pre (the
-    same UNet with LoRA disabled) both CFG-guided with the same w, in UNet calls of `chunk` states."""
+    same UNet with LoRA disabled) both CFG-guided with the same w, in UNet calls of `chunk` states. On a flow model
+    (SD 3.x) each step's exact Gaussian KL, summed over dimensions: w_t |v_theta - v_pre|^2 (docs/flow.md)."""
     b = latents.shape[0]
     x, t = latents[:, :-1].flatten(0, 1), timesteps.repeat(b)  # (B*T, C, h, w), (B*T,)
     c = embeds.repeat_interleave(len(timesteps), dim=0)
     out = []
     for i in range(0, len(x), chunk):
         xi, ti, ci = x[i : i + chunk], t[i : i + chunk], c[i : i + chunk]
+        if common.is_flow(pipe):
+            v = common.guided_output(pipe, xi, ti, ci, neg_embeds, guidance)
+            with common.adapters_disabled(pipe.transformer):
+                v_pre = common.guided_output(pipe, xi, ti, ci, neg_embeds, guidance)
+            out.append(common.flow_kl_weight(pipe, ti, num_steps=num_steps, eta=eta) * (v - v_pre).pow(2).flatten(1).sum(1))
+            continue
         alphabar_t, alphabar_next = step_alphas(pipe.scheduler, ti, num_steps)
         eps = common.guided_eps(pipe, xi, ti, ci, neg_embeds, guidance)
         with common.adapters_disabled(pipe.unet):
@@ -281,9 +288,6 @@ if __name__ == "__main__":
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
                                 compile=args.compile, seed=args.seed)
-    if common.is_flow(pipe):
-        common.fail("score_as_action.py does not run on flow-matching (SD 3.x) models yet: Score as Action's continuous time on Flow-GRPO's SDE is not "
-                    "derived here yet; reinforce.py, ppo.py, loop.py and dpok.py run on them")
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
