@@ -1,6 +1,6 @@
 """The flow-matching path (SD 3.x, issue 24): Flow-GRPO's SDE step and sampler against diffusers and analytic values,
 the training path's log-probabilities, LoRA in diffusers' SD3 format, and the scripts on the tiny SD3-class model
-(REINFORCE, PPO, LOOP and DPOK train on it; Score as Action refuses it until its flow form is derived)."""
+(all five scripts train on it; DPOK and Score as Action with the exact per-step KL of the flow step)."""
 
 import math
 
