@@ -631,8 +631,11 @@ def evaluate(pipe, prompts: Sequence[str], reward_fn, neg_embeds, *, num_steps: 
 @torch.no_grad()
 def decode_latents(pipe, latents) -> torch.Tensor:
     """VAE decode to float32 images in [0, 1]: (B, 3, H, W)."""
-    vae = pipe.vae  # SD 3.x's VAE also shifts its latents (`shift_factor`); SD 1.x's has none
-    images = vae.decode((latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).to(vae.dtype)).sample
+    vae = pipe.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    if vae.config.shift_factor is not None:  # SD 3.x's VAE also shifts its latents; SD 1.x's has no shift
+        latents = latents + vae.config.shift_factor
+    images = vae.decode(latents).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 

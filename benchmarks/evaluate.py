@@ -5,7 +5,8 @@ right (strict binding), before (the LoRA switched off) and after. And the KL of 
 path to the pretrained model's, at --kl-steps: along trajectories the fine-tuned policy samples, each DDIM step is
 a Gaussian with the same sigma under both models, so its KL is |mu_theta - mu_pre|^2 / (2 sigma^2), here averaged
 over the latent's dimensions (as the scripts' log-probabilities are) and summed over the steps: the KL of the
-whole path per dimension, by the chain rule. DPOK's regulariser (Fan et al. 2023, eq. 7) bounds this KL.
+whole path per dimension, by the chain rule. This path KL bounds the KL of the final images (DPOK's lemma, Fan et
+al. 2023); DPOK's regulariser is its per-step terms without their weights.
 
     python benchmarks/evaluate.py runs/loop__1__1700000000/checkpoints/epoch_0040 --prompts shapes_hard shapes_eval \\
         --steps 5 10 20 50 --out eval.json
@@ -48,6 +49,8 @@ class Args:
     """DDIM eta, as in training"""
     lora_rank: int = 4
     """the checkpoint's LoRA rank"""
+    lora_alpha: Optional[float] = None
+    """the checkpoint's LoRA alpha (default: the rank, as the scripts')"""
     seed: int = 0
     """seed of the evaluation noise (not the run's: runs evaluated with one seed see the same noise)"""
     device: Optional[str] = None
@@ -108,7 +111,7 @@ def evaluate(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     path, _ = runs.find_checkpoint(args.checkpoint)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = common.load_pipeline("shapes", device, lora_rank=args.lora_rank)
+    pipe = common.load_pipeline("shapes", device, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     runs.load_checkpoint(path, pipe.unet)
     pipe.unet.eval()
     neg = common.encode_prompts(pipe, [""])
