@@ -724,9 +724,15 @@ def guided_velocity(transformer, latents, t, embeds, neg_embeds, guidance: float
 
 def flow_sigmas(scheduler, num_steps: int, device) -> torch.Tensor:
     """The sampling schedule sigma_0 = 1 > ... > sigma_T = 0 of `num_steps` steps (with the scheduler's shift), (T+1,),
-    float32; the timesteps the transformer sees are sigma_i x 1000, i < T. Sets the scheduler's timesteps."""
-    scheduler.set_timesteps(num_steps, device=device)
-    return scheduler.sigmas.to(device, torch.float32)
+    float32 on `device`; the timesteps the transformer sees are sigma_i x 1000, i < T. Computed once per (steps,
+    device) and kept on the scheduler: the training path asks for it at every call, and a host-to-device copy there
+    would wait for the GPU's queue."""
+    cache = scheduler.__dict__.setdefault("_rl_sigmas", {})
+    key = (num_steps, str(torch.device(device)))
+    if key not in cache:
+        scheduler.set_timesteps(num_steps, device=device)
+        cache[key] = scheduler.sigmas.to(device, torch.float32)
+    return cache[key]
 
 
 def flow_step_sigmas(pipe, t, b: int, num_steps: int, device) -> tuple:
