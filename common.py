@@ -744,15 +744,19 @@ def flow_step_sigmas(pipe, t, b: int, num_steps: int, device) -> tuple:
     return sigmas[i], sigmas[i + 1], sigmas[1]
 
 
+def flow_std(sigma, sigma_1, noise_level: float) -> torch.Tensor:
+    """Flow-GRPO's std_t = a sqrt(sigma / (1 - sigma)); at sigma = 1 the reference divides by 1 - sigma_1 instead."""
+    return noise_level * (sigma / (1 - torch.where(sigma == 1, torch.as_tensor(sigma_1, device=sigma.device), sigma))).sqrt()
+
+
 def flow_kl_weight(pipe, t: torch.Tensor, *, num_steps: int, eta: float) -> torch.Tensor:
-    """(b,) for timesteps t (b,): the factor w_t with KL(pi_theta(.|x_t) || pi_pre(.|x_t)) = w_t mean((v_theta - v_pre)^2) per dimension,
-    for two models' flow steps at the same sigma: the means differ by (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
+    """(b,) for timesteps t (b,): the factor w_t with KL(pi_theta(.|x_t) || pi_pre(.|x_t)) = w_t mean((v_theta -
+    v_pre)^2) per dimension, for two models' flow steps at the same sigma: the means differ by (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
     (v_theta - v_pre) and share the variance std_t^2 (-dt), so w_t = (1 + std_t^2 (1 - sigma) / (2 sigma))^2 (-dt) /
     (2 std_t^2). Needs a noise level eta > 0."""
     sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, t.numel(), num_steps, pipe.transformer.device)
-    dt = sigma_next - sigma
-    std_t2 = eta**2 * sigma / (1 - torch.where(sigma == 1, sigma_1, sigma))
-    return (1 + std_t2 * (1 - sigma) / (2 * sigma)) ** 2 * (-dt) / (2 * std_t2)
+    std_t2 = flow_std(sigma, sigma_1, eta) ** 2
+    return (1 + std_t2 * (1 - sigma) / (2 * sigma)) ** 2 * (sigma - sigma_next) / (2 * std_t2)
 
 
 def flow_step(v, latents, sigma, sigma_next, sigma_1, *, noise_level: float, prev_sample=None, noise=None):
@@ -771,7 +775,7 @@ def flow_step(v, latents, sigma, sigma_next, sigma_1, *, noise_level: float, pre
     sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b).reshape(shape)
     sigma_next = torch.as_tensor(sigma_next, device=latents.device, dtype=torch.float32).expand(b).reshape(shape)
     dt = sigma_next - sigma
-    std_t = noise_level * (sigma / (1 - torch.where(sigma == 1, torch.as_tensor(sigma_1, device=sigma.device), sigma))).sqrt()
+    std_t = flow_std(sigma, sigma_1, noise_level)
     mean = latents * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     std = std_t * (-dt).sqrt()
     if prev_sample is None:
