@@ -42,6 +42,9 @@ SD15_RANDOM = "sd15-random"  # Stable Diffusion 1.5's exact shapes and cost: spe
 # diffusers folder that ships with the project, so learning can be seen on a CPU (docs/world.md).
 SHAPES = "shapes"
 SHAPES_DIR = Path(__file__).resolve().parent / "world" / "shapes"  # found by path: common imports neither world nor rewards
+# Its flow-matching counterpart in SD 3.x's classes (world/shapes_flow, made by `python -m world.pretrain_flow`).
+SHAPES_FLOW = "shapes-flow"
+SHAPES_FLOW_DIR = SHAPES_DIR.parent / "shapes_flow"
 
 
 def fail(message: str):
@@ -137,10 +140,39 @@ FLAG_RULES = {
 }
 
 
-def validate_args(args):
+# The sampling flags a script leaves unset take its model family's defaults: on SD 1.x/2.x the script's own (its
+# paper's, `SD_DEFAULTS` at the top of each script); on SD 3.x Flow-GRPO's SD 3.5 configs (config/grpo.py, e.g.
+# geneval_sd3 and pickscore_sd3: 10 steps, guidance 4.5, noise level 0.7): no method here has a flow source of its
+# own. (Flow-GRPO's learning rate 3e-4 and clip range 1e-4 are DDPO's, which PPO and LOOP already use.)
+FLOW_DEFAULTS = dict(num_steps=10, guidance=4.5, eta=0.7)
+
+
+def model_family(model: str) -> str:
+    """"flow" for an SD 3.x model, "sd" for SD 1.x/2.x, read from the offline name or the folder's (or the local hub
+    cache's) model_index.json without loading any weights; a model that cannot be found stops here, in one line."""
+    if model in (TINY, SD15_RANDOM, SHAPES):
+        return "sd"
+    if model in (TINY_SD3, SD35M_RANDOM, SHAPES_FLOW):
+        return "flow"
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(model).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local Hugging "
+             f"Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local folder.")
+    return "flow" if name.startswith("StableDiffusion3") else "sd"
+
+
+def validate_args(args, sd_defaults: Optional[dict] = None):
     """Stop in one line on a flag value that would crash later or silently change the algorithm (ranges, NaN,
     divisibility of the shared sizes). Called by every script right after parsing, before anything is loaded
-    or written; checks the flags by name, so a script gets exactly the checks of the flags it has."""
+    or written; checks the flags by name, so a script gets exactly the checks of the flags it has. First the
+    sampling flags left unset (None) take the model family's defaults: `sd_defaults` (the script's) or FLOW_DEFAULTS."""
+    family_defaults = FLOW_DEFAULTS if model_family(args.model) == "flow" else (sd_defaults or {})
+    for name, value in family_defaults.items():
+        if getattr(args, name, False) is None:
+            setattr(args, name, value)
     for name, (requirement, ok) in FLAG_RULES.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
@@ -271,19 +303,21 @@ def load_pipeline(
     """
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    if model == SHAPES:
-        model = str(SHAPES_DIR)
-    if model == TINY_SD3:
-        pipe = _offline_sd3(seed=0)
+    model = {SHAPES: str(SHAPES_DIR), SHAPES_FLOW: str(SHAPES_FLOW_DIR)}.get(model, model)
+    if model in (TINY_SD3, SD35M_RANDOM):
+        pipe = _offline_sd3(model, seed=0)
     elif model in (TINY, SD15_RANDOM):
         pipe = _offline_pipeline(model, seed=0)  # the "pretrained" weights are the same for every run
     else:
         try:
             from diffusers import DiffusionPipeline
 
-            sd3 = DiffusionPipeline.load_config(model).get("_class_name", "").startswith("StableDiffusion3")
+            index = DiffusionPipeline.load_config(model)
+            sd3 = index.get("_class_name", "").startswith("StableDiffusion3")
+            # a folder saved without T5 (the flow shapes model) records it as null, which diffusers loads only if told
+            no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if sd3 and not index.get("text_encoder_3", [0])[0] else {}
             # float32 first: frozen parts are cast below, a trained full UNet must not start from rounded weights
-            pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=torch.float32) if sd3 else \
+            pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=torch.float32, **no_t5) if sd3 else \
                 StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None,
                                                         requires_safety_checker=False)
         except (OSError, ValueError) as e:  # not a folder, not in the cache, hub unreachable or id malformed
@@ -644,34 +678,52 @@ def decode_latents(pipe, latents) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 TINY_SD3 = "tiny-sd3"  # a random SD3-class model (MMDiT, two CLIP encoders, no T5): tests of the flow path
+SD35M_RANDOM = "sd35m-random"  # SD 3.5 Medium's exact shapes with random weights, no T5: flow benchmarks anywhere
 # LoRA on every attention projection of SD3's joint blocks, image and text streams (Flow-GRPO's SD 3.5 targets)
 FLOW_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_add_out")
 
 
-def _offline_sd3(seed: int = 0):
-    """A tiny StableDiffusion3Pipeline with seeded random weights, built without the network: an 8 x 8 x 16 latent
-    (4 x 4 patches of 2), two joint transformer blocks (the last, as in every SD3, without the text stream's
-    output), two 32-wide CLIP encoders with projections (their pooled outputs concatenated: 64 =
-    `pooled_projection_dim`) and no T5 encoder (diffusers then feeds zeros in its place,
-    as for SD 3.5 loaded without T5). The scheduler is SD3's: FlowMatchEulerDiscreteScheduler with shift 3."""
+# SD 3.5 Medium's published configs (stabilityai/stable-diffusion-3.5-medium: transformer/, vae/, text_encoder/ CLIP-L,
+# text_encoder_2/ OpenCLIP bigG), for `sd35m-random`
+SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35M_CLIPS = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    projection_dim=768, hidden_act="quick_gelu"),
+               dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu"))
+
+
+def _offline_sd3(name: str = TINY_SD3, seed: int = 0):
+    """A StableDiffusion3Pipeline with seeded random weights, built without the network, and without T5 (diffusers
+    then feeds zeros in its place, as for SD 3.5 loaded without T5); the scheduler is SD3's
+    FlowMatchEulerDiscreteScheduler with shift 3. `tiny-sd3`: an 8 x 8 x 16 latent (4 x 4 patches of 2), two joint transformer blocks (the last, as in
+    every SD3, without the text stream's output), two 32-wide CLIP encoders with projections (their pooled outputs
+    concatenated: 64 = `pooled_projection_dim`). `sd35m-random`: SD 3.5 Medium's shapes (`SD35M_TRANSFORMER`, its
+    VAE and two CLIP encoders: 1024 px, a 128 x 128 x 16 latent), 3.15B random parameters (2.24B in the transformer)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    tiny = name == TINY_SD3
+    clips = [dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                  hidden_act="quick_gelu")] * 2 if tiny else SD35M_CLIPS
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
-            pos_embed_max_size=8)
-        vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
-                            latent_channels=16, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
-                            use_quant_conv=False, use_post_quant_conv=False)
+            pos_embed_max_size=8) if tiny else SD3Transformer2DModel(**SD35M_TRANSFORMER)
+        vae = AutoencoderKL(block_out_channels=(16, 32) if tiny else (128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * (2 if tiny else 4),
+                            up_block_types=("UpDecoderBlock2D",) * (2 if tiny else 4),
+                            layers_per_block=1 if tiny else 2,
+                            norm_num_groups=8 if tiny else 32, latent_channels=16, sample_size=16 if tiny else 1024,
+                            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
         encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
-            pad_token_id=49407)) for _ in range(2)]
+            vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            **clip)) for clip in clips]
     tokenizer = clip_tokenizer()
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
@@ -693,12 +745,22 @@ def encode_flow_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
     `unpack_flow_embeds` splits it. Each distinct prompt is encoded once."""
     unique = list(dict.fromkeys(prompts))
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=unique, prompt_2=None, prompt_3=None,
-                                              device=pipe.transformer.device, do_classifier_free_guidance=False)
+                                              device=pipe.transformer.device, do_classifier_free_guidance=False,
+                                              max_sequence_length=t5_tokens(pipe))
     if pooled.shape[-1] > embeds.shape[-1]:
         fail(f"the pooled text embedding ({pooled.shape[-1]}) is wider than the token embeddings ({embeds.shape[-1]})")
     packed = torch.cat([embeds, torch.nn.functional.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1]))[:, None]], 1)
     position = {prompt: i for i, prompt in enumerate(unique)}
     return packed[torch.tensor([position[p] for p in prompts], device=packed.device)]
+
+
+def t5_tokens(pipe) -> int:
+    """Rows of the T5 slot in SD3's conditioning: the pipeline's default 256 with a T5 encoder; without one, diffusers
+    fills the slot with `max_sequence_length` zero rows (256 by default), and here it holds as many as the CLIP tokens
+    (`tokenizer_max_length`: 77 for SD 3.5, 16 for the flow shapes model), which carry no prompt and would otherwise
+    be most of the transformer's tokens. `StableDiffusion3Pipeline(..., max_sequence_length=t5_tokens(pipe))` gives
+    the same images (docs/flow.md)."""
+    return 256 if pipe.text_encoder_3 is not None else pipe.tokenizer_max_length
 
 
 def unpack_flow_embeds(transformer, packed: torch.Tensor) -> tuple:

@@ -29,6 +29,10 @@ import rewards
 import runs
 
 
+# Sampling defaults on SD 1.x/2.x; an SD 3.x model takes Flow-GRPO's (common.FLOW_DEFAULTS)
+SD_DEFAULTS = dict(num_steps=50, eta=1.0, guidance=7.0)  # SaA
+
+
 @dataclass
 class Args:
     # --- experiment
@@ -73,13 +77,13 @@ class Args:
     """LoRA rank on the UNet attention projections; 0 trains the whole UNet"""
     lora_alpha: Optional[float] = None
     """LoRA alpha (default: the rank, i.e. scale 1)"""
-    num_steps: int = 50
-    """DDIM steps T per trajectory"""
-    eta: float = 1.0
+    num_steps: Optional[int] = None
+    """sampling steps T per trajectory (unset: SD_DEFAULTS above on SD 1.x/2.x, 10 on SD 3.x)"""
+    eta: Optional[float] = None
     """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities. On an SD 3.x model, the
-    noise level a of Flow-GRPO's SDE (its SD 3.5 configs: 0.7; docs/flow.md)"""
-    guidance: float = 7.0  # SaA
-    """classifier-free guidance scale w, used in sampling and in training"""
+    noise level a of Flow-GRPO's SDE (docs/flow.md). Unset: SD_DEFAULTS above on SD 1.x/2.x, 0.7 on SD 3.x"""
+    guidance: Optional[float] = None
+    """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on SD 3.x)"""
     sample_batch_size: int = 8
     """images per sampling call per process"""
     num_batches_per_epoch: int = 4
@@ -255,7 +259,7 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.validate_args(args)  # every shared flag's range, before anything loads
+    common.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
     dist = common.setup_distributed(args.device)
     device, main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)

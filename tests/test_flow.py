@@ -28,8 +28,9 @@ def test_the_sampler_at_noise_level_0_is_diffusers_sd3_pipeline(sd3, guidance):
     embeds, neg = common.encode_flow_prompts(sd3, prompts), common.encode_flow_prompts(sd3, [""])
     hidden, pooled = common.unpack_flow_embeds(sd3.transformer, embeds)
     ref_hidden, _, ref_pooled, _ = sd3.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                                     do_classifier_free_guidance=False)
+                                                     do_classifier_free_guidance=False, max_sequence_length=77)
     assert torch.equal(hidden, ref_hidden) and torch.equal(pooled, ref_pooled)  # the packing loses nothing
+    assert hidden.shape[1] == 77 + 77  # the CLIP tokens, then as many zero rows in T5's place (common.t5_tokens)
     x_1 = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     traj = common.flow_sample(sd3, embeds, neg, num_steps=4, guidance=guidance, noise_level=0.0, latents=x_1, decode=False)
     neg_hidden, neg_pooled = common.unpack_flow_embeds(sd3.transformer, neg.expand(3, -1, -1))
@@ -168,6 +169,44 @@ def test_the_scripts_train_on_a_flow_model(script, tmp_path):
     assert weights and all(k.startswith("transformer.transformer_blocks.") for k in weights)
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k) > 0  # B starts at 0
+
+
+@pytest.mark.parametrize("script", ["ppo", "dpok", "score_as_action"])
+def test_unset_sampling_flags_take_the_model_familys_defaults_and_set_ones_are_kept(script):
+    """Steps, guidance and noise level left unset are the script's own SD_DEFAULTS on an SD 1.x model and Flow-GRPO's
+    SD 3.5 values (10, 4.5, 0.7) on an SD 3.x model, the family read without loading weights (the committed shapes
+    models by folder, too); a flag the user sets is never replaced."""
+    import importlib
+
+    import tyro
+
+    module = importlib.import_module(script)
+    for model, expected in [("tiny", module.SD_DEFAULTS), (str(common.SHAPES_DIR), module.SD_DEFAULTS),
+                            ("tiny-sd3", dict(num_steps=10, guidance=4.5, eta=0.7)),
+                            (str(common.SHAPES_FLOW_DIR), dict(num_steps=10, guidance=4.5, eta=0.7))]:
+        args = tyro.cli(module.Args, args=["--model", model])
+        common.validate_args(args, module.SD_DEFAULTS)
+        assert {k: getattr(args, k) for k in expected} == expected, model
+        args = tyro.cli(module.Args, args=["--model", model, "--num-steps", "7", "--guidance", "1", "--eta", "0.5"])
+        common.validate_args(args, module.SD_DEFAULTS)
+        assert (args.num_steps, args.guidance, args.eta) == (7, 1.0, 0.5)
+    assert module.SD_DEFAULTS["num_steps"] == 50 and module.SD_DEFAULTS["eta"] == 1.0
+    assert module.SD_DEFAULTS["guidance"] == {"ppo": 5.0, "dpok": 7.5, "score_as_action": 7.0}[script]
+
+
+def test_sd35m_random_has_sd35_mediums_shapes():
+    """`sd35m-random` is SD 3.5 Medium's architecture (built here on the meta device, no memory): 2.24B transformer
+    parameters (MMDiT-X: dual attention in the first 13 of 24 blocks, RMS q/k norm), 1024 px through a 16-channel
+    latent 8x smaller, CLIP-L and bigG whose pooled outputs fill the 2048-wide pooled projection."""
+    with torch.device("meta"):
+        pipe = common._offline_sd3(common.SD35M_RANDOM)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(pipe.transformer) == 2_243_171_520
+    assert (pipe.vae_scale_factor, pipe.transformer.config.sample_size, pipe.vae.config.latent_channels) == (8, 128, 16)
+    widths = [e.config.projection_dim for e in (pipe.text_encoder, pipe.text_encoder_2)]
+    assert widths == [768, 1280] and sum(widths) == pipe.transformer.config.pooled_projection_dim
+    assert sum(type(b.attn2).__name__ == "Attention" for b in pipe.transformer.transformer_blocks if b.attn2) == 13
+    assert pipe.text_encoder_3 is None and common.t5_tokens(pipe) == 77
 
 
 def test_score_as_actions_flow_kl_is_the_exact_step_kl_summed_over_dimensions_and_x0_hat_is_tweedies():
