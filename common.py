@@ -164,15 +164,20 @@ def model_family(model: str) -> str:
     return "flow" if name.startswith("StableDiffusion3") else "sd"
 
 
+def fill_family_defaults(args, sd_defaults: dict):
+    """Set the sampling flags left unset (None) to the loaded model family's values: `sd_defaults` on SD 1.x/2.x,
+    FLOW_DEFAULTS on SD 3.x; a value given on the command line is kept."""
+    for name, value in (FLOW_DEFAULTS if model_family(args.model) == "flow" else sd_defaults).items():
+        if getattr(args, name, False) is None:
+            setattr(args, name, value)
+
+
 def validate_args(args, sd_defaults: Optional[dict] = None):
     """Stop in one line on a flag value that would crash later or silently change the algorithm (ranges, NaN,
     divisibility of the shared sizes). Called by every script right after parsing, before anything is loaded
     or written; checks the flags by name, so a script gets exactly the checks of the flags it has. First the
     sampling flags left unset (None) take the model family's defaults: `sd_defaults` (the script's) or FLOW_DEFAULTS."""
-    family_defaults = FLOW_DEFAULTS if model_family(args.model) == "flow" else (sd_defaults or {})
-    for name, value in family_defaults.items():
-        if getattr(args, name, False) is None:
-            setattr(args, name, value)
+    fill_family_defaults(args, sd_defaults or {})
     for name, (requirement, ok) in FLAG_RULES.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")

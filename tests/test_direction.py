@@ -53,9 +53,10 @@ def constant(images, prompts):
     return torch.ones(images.shape[0])
 
 
-def one_update(script, tmp_path, monkeypatch, *extra, reward=favour_even, perturb=False):
-    """One epoch of `script` in process; with `perturb`, the LoRA B matrices start random (the policy away from
-    the pretrained model, so that a KL term has a gradient). Returns the script's globals and the initial weights."""
+def one_update(script, tmp_path, monkeypatch, *extra, reward=favour_even, perturb=False, model="tiny"):
+    """One epoch of `script` in process on `model`; with `perturb`, the LoRA B matrices start random (the policy away
+    from the pretrained model, so that a KL term has a gradient). Returns the script's globals and the initial
+    weights."""
     monkeypatch.setitem(rewards.REWARDS, reward.__name__, rewards.free(reward))
     initial = {}
     load = common.load_pipeline
@@ -63,12 +64,13 @@ def one_update(script, tmp_path, monkeypatch, *extra, reward=favour_even, pertur
     def load_and_remember(*args, **kwargs):
         pipe = load(*args, **kwargs)
         if perturb:
-            perturb_lora(pipe.unet, seed=3, scale=0.05)
-        initial.update({n: p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad})
+            perturb_lora(common.denoiser(pipe), seed=3, scale=0.05)
+        initial.update({n: p.detach().clone() for n, p in common.denoiser(pipe).named_parameters() if p.requires_grad})
         return pipe
 
     monkeypatch.setattr(common, "load_pipeline", load_and_remember)
-    g = run_main(script, *ONE_UPDATE, *SCRIPT_ARGS[script], "--reward", reward.__name__, "--output-dir", tmp_path, *extra)
+    g = run_main(script, *ONE_UPDATE, *SCRIPT_ARGS[script], "--reward", reward.__name__, "--output-dir", tmp_path,
+                 "--model", model, *extra)
     assert g["global_step"] == 1
     return g, initial
 
@@ -84,10 +86,10 @@ def old_policy(pipe, initial=None):
     """The policy before the update: the UNet with its adapters disabled when LoRA B started at 0 (`initial` None),
     else with its trainable weights set back to `initial` for the duration."""
     if initial is None:
-        with common.adapters_disabled(pipe.unet):
+        with common.adapters_disabled(common.denoiser(pipe)):
             yield
         return
-    params = dict(pipe.unet.named_parameters())
+    params = dict(common.denoiser(pipe).named_parameters())
     now = {n: params[n].detach().clone() for n in initial}
     with torch.no_grad():
         for n, w in initial.items():
@@ -117,11 +119,16 @@ def log_prob_change(g, initial=None):
     return new - old
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])
 @pytest.mark.parametrize("script", ["reinforce", "ppo", "loop"])
-def test_one_update_raises_the_favoured_trajectories(script, tmp_path, monkeypatch):
+def test_one_update_raises_the_favoured_trajectories(script, model, tmp_path, monkeypatch):
     """Trajectory-level advantages: the favoured (even) images have A > 0, the others A < 0 (leave-one-out with
-    K = 2: +-1/2 of the reward gap; PPO: the batch-standardised reward, +-1)."""
-    g, _ = one_update(script, tmp_path, monkeypatch)
+    K = 2: +-1/2 of the reward gap; PPO: the batch-standardised reward, +-1). On the DDIM path and on the flow path
+    (Flow-GRPO's SDE step, issue 24), where the same script code climbs another log-probability. The flow step's
+    noise is wider than DDIM's, so the same update moves its log-probabilities less: at 1e-4 the sums are 5e-6, near
+    the float noise, so the flow run takes a learning rate of 1e-3 (sums of 5e-5, linear in the learning rate)."""
+    lr = ["--learning-rate", 1e-3] if model == "tiny-sd3" else []
+    g, _ = one_update(script, tmp_path, monkeypatch, *lr, model=model)
     change = log_prob_change(g).sum(1)  # (N,): log pi_new(tau) - log pi_old(tau)
     favoured = torch.arange(len(change)) % 2 == 0
     assert change[favoured].mean() > change[~favoured].mean(), change
