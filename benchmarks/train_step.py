@@ -17,6 +17,11 @@ sampler and the training forward in fp32, bf16 and fp16, against the clip range 
     python benchmarks/train_step.py --batch 8 --gradient-checkpointing            # SD 1.5's shapes, random weights, GPU
     python benchmarks/train_step.py --batch 1 --num-steps 2 --timestep-fraction 0.5 --warmup 0 --ratio-precisions
                                                                                   # SD 1.5's shapes on a CPU, ~5 minutes
+    python benchmarks/train_step.py --model sd35m-random --batch 8 --gradient-checkpointing   # SD 3.5 Medium's shapes
+
+On an SD 3.x model (flow matching, docs/flow.md) the same phases run through the flow path, with the transformer
+in the UNet's place and the family's sampling defaults (10 steps, guidance 4.5, noise level 0.7) for the flags
+left unset.
 """
 
 import contextlib
@@ -46,7 +51,8 @@ PHASES = ("sampling", "decode", "reward", "training", "optimiser")
 @dataclass
 class Args:
     model: str = common.SD15_RANDOM
-    """hub id, local folder, `sd15-random` (SD 1.5's shapes, random weights, offline) or `tiny`"""
+    """hub id, local folder, `sd15-random` (SD 1.5's shapes, random weights, offline), `tiny`, or their SD 3.x
+    counterparts `sd35m-random` and `tiny-sd3`"""
     device: Optional[str] = None
     """cuda or cpu (default: cuda if available)"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
@@ -55,18 +61,18 @@ class Args:
     """images sampled per epoch, in one sampling call (the UNet sees 2 x batch rows with CFG)"""
     train_batch_size: Optional[int] = None
     """trajectories per training minibatch, gradients accumulated over batch / this (default: --batch, one minibatch)"""
-    num_steps: int = 50
-    """DDIM steps per trajectory"""
+    num_steps: Optional[int] = None
+    """sampling steps per trajectory (default: 50 on SD 1.x/2.x, 10 on SD 3.x)"""
     timestep_fraction: float = 1.0
     """train on this fraction of each trajectory's steps, as ppo.py's flag"""
     timesteps_per_call: Optional[int] = None
     """trained timesteps of each trajectory per UNet call, as the scripts' flag (default: all on a CPU, 1 on a GPU)"""
-    guidance: float = 5.0
-    """classifier-free guidance scale w"""
-    eta: float = 1.0
-    """DDIM eta"""
+    guidance: Optional[float] = None
+    """classifier-free guidance scale w (default: 5 on SD 1.x/2.x, 4.5 on SD 3.x)"""
+    eta: Optional[float] = None
+    """DDIM eta, or on SD 3.x Flow-GRPO's noise level (default: 1, or 0.7)"""
     lora_rank: int = 4
-    """LoRA rank; 0 trains the whole UNet"""
+    """LoRA rank; 0 trains the whole denoiser (UNet or transformer)"""
     gradient_checkpointing: bool = False
     """recompute UNet activations in the backward pass"""
     compile: bool = False
@@ -159,8 +165,8 @@ def draw_prompts(args, prompts, epoch):
 
 def sample(args, pipe, texts, neg_embeds, precision, epoch, device):
     """ppo.py's SAMPLING for one call: prompt embeddings, then trajectories with log-probs (not decoded)."""
-    pipe.unet.eval()
-    embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
+    common.denoiser(pipe).eval()
+    embeds = common.encode_prompts(pipe, texts)  # (B, 77, D), or SD 3.x's packed (B, L + 1, D)
     with common.autocast(device, precision):
         traj = common.sample(pipe, embeds, neg_embeds, num_steps=args.num_steps, guidance=args.guidance, eta=args.eta,
                              generator=common.sample_generators(args.seed, epoch, range(len(texts)), device), decode=False)
@@ -174,7 +180,7 @@ def train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoc
     `scaler`: the forward only, with gradients enabled as in training). Returns |rho - 1| and the step index of every
     evaluated transition, both flat."""
     b, tb, num_train = len(advantages), args.train_batch_size or args.batch, max(1, int(args.num_steps * args.timestep_fraction))
-    pipe.unet.train()
+    common.denoiser(pipe).train()
     g = common.generator(device, args.seed, epoch, common.SHUFFLE)
     perm = torch.randperm(b, generator=g, device=device)
     step_perm = torch.argsort(torch.rand(b, args.num_steps, generator=g, device=device), dim=1)[:, :num_train]
@@ -210,7 +216,7 @@ def deviation_summary(deviation, steps, num_steps: int) -> dict:
 
 @contextlib.contextmanager
 def unet_in_fp32(unet):
-    """The UNet's frozen weights temporarily in float32 (a bf16 or fp16 value converts exactly, and back)."""
+    """The denoiser's frozen weights temporarily in float32 (a bf16 or fp16 value converts exactly, and back)."""
     dtypes = {name: p.dtype for name, p in unet.named_parameters()}
     unet.float()
     try:
@@ -220,25 +226,30 @@ def unet_in_fp32(unet):
             p.data = p.data.to(dtypes[name])
 
 
-def model_flops(pipe, rows: int, backward: bool, device) -> int:
-    """FLOPs of one UNet call on `rows` latents (and its backward into the trainable weights), counted by
-    FlopCounterMode on a meta-device copy of the UNet: matmuls, convolutions and attention; no recomputation."""
-    from diffusers import UNet2DConditionModel
+def model_flops(pipe, rows: int, backward: bool, embeds: torch.Tensor) -> int:
+    """FLOPs of one denoiser call on `rows` latents (and its backward into the trainable weights), counted by
+    FlopCounterMode on a meta-device copy of the UNet or transformer: matmuls, convolutions and attention; no
+    recomputation. `embeds`: one row of the text conditioning, whose shape the counted call takes."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    model = common.denoiser(pipe)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(pipe.unet.config)
-        if getattr(pipe.unet, "peft_config", None):
-            unet.add_adapter(copy.deepcopy(pipe.unet.peft_config["default"]))
-    trainable = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
-    for n, p in unet.named_parameters():
+        counted = type(model).from_config(model.config)
+        if getattr(model, "peft_config", None):
+            counted.add_adapter(copy.deepcopy(model.peft_config["default"]))
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in counted.named_parameters():
         p.requires_grad_(trainable[n])
-    c, h, d = unet.config.in_channels, unet.config.sample_size, pipe.unet.config.cross_attention_dim
+    c, h = counted.config.in_channels, counted.config.sample_size
     x = torch.zeros(rows, c, h, h, device="meta")
-    t = torch.zeros(rows, dtype=torch.long, device="meta")
-    e = torch.zeros(rows, 77, d, device="meta")
+    e = torch.zeros(rows, *embeds.shape[1:], device="meta")
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
-        out = unet(x, t, encoder_hidden_states=e).sample
+        if common.is_flow(pipe):
+            hidden, pooled = common.unpack_flow_embeds(counted, e)
+            out = counted(hidden_states=x, timestep=torch.zeros(rows, device="meta"), encoder_hidden_states=hidden,
+                          pooled_projections=pooled).sample
+        else:
+            out = counted(x, torch.zeros(rows, dtype=torch.long, device="meta"), encoder_hidden_states=e).sample
         if backward:
             out.float().square().mean().backward()
     return counter.get_total_flops()
@@ -276,6 +287,7 @@ def gib(n: float) -> str:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    common.fill_family_defaults(args, dict(num_steps=50, guidance=5.0, eta=1.0))  # the unset ones: the family's
     if args.batch < 1 or args.warmup < 0 or not 1 <= args.num_steps <= 1000 or not 0 < args.timestep_fraction <= 1:
         common.fail("--batch >= 1, --warmup >= 0, --num-steps in [1, 1000] and --timestep-fraction in (0, 1] are required")
     if args.train_batch_size is not None and not (1 <= args.train_batch_size and args.batch % args.train_batch_size == 0):
@@ -292,12 +304,12 @@ if __name__ == "__main__":
     prompts = common.load_prompts(hp.prompts)
     reward_fn = common.CheckedReward(rewards.make(args.reward, device, prompts=prompts), args.reward)
     pipe = load(args, precision, device)
-    neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D)
-    params = common.trainable_parameters(pipe.unet)
+    neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D) or (1, L + 1, D)
+    params = common.trainable_parameters(common.denoiser(pipe))
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2),
                                   weight_decay=hp.weight_decay, eps=hp.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    attention = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+    attention = sorted({type(p).__name__ for p in common.denoiser(pipe).attn_processors.values()})
     resident = memory(device, peak=False)
 
     stats, syncs, deviation = {}, {}, {}  # deviation: precision -> summary
@@ -327,8 +339,9 @@ if __name__ == "__main__":
         if timed:
             seconds, peaks = phases.seconds, phases.peak
     epoch_s = sum(seconds.values())
-    train_flops = model_flops(pipe, 2 * args.batch if args.guidance != 1 else args.batch, True, device) * num_train
-    sample_flops = model_flops(pipe, 2 * args.batch if args.guidance != 1 else args.batch, False, device) * args.num_steps
+    rows = 2 * args.batch if args.guidance != 1 else args.batch
+    train_flops = model_flops(pipe, rows, True, neg_embeds) * num_train
+    sample_flops = model_flops(pipe, rows, False, neg_embeds) * args.num_steps
     # the peak in the training dtype on a GPU (fp32 matmuls run as TF32 there: speed_flags); always fp32 on a CPU, whose
     # bf16 and fp16 matmuls may have no fast kernel at all
     peak_precision = precision if device.type == "cuda" else "no"
@@ -346,7 +359,7 @@ if __name__ == "__main__":
             dev, steps = train_pass(args, pipe, traj, embeds, neg_embeds, zeros, other, 0, device, hp)
             deviation[other] = deviation_summary(dev, steps, args.num_steps)
             if other != "no":  # the same transitions re-evaluated in fp32: the size of this precision's rounding
-                with unet_in_fp32(pipe.unet):
+                with unet_in_fp32(common.denoiser(pipe)):
                     dev, steps = train_pass(args, pipe, traj, embeds.float(), neg_embeds.float(), zeros, "no", 0, device, hp)
                 deviation[other]["rounding"] = deviation_summary(dev, steps, args.num_steps)
         except Exception as e:  # noqa: BLE001 - e.g. an op without a kernel in this dtype on this device: say so

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 
+import pytest
 from helpers import OFFLINE, PYTHON, ROOT
 
 
@@ -15,8 +16,10 @@ def table(text: str, header: str) -> dict:
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
-def test_train_step_benchmark_prints_every_phase_and_the_on_policy_check():
-    proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "train_step.py"), "--model", "tiny", "--batch", "2",
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])
+def test_train_step_benchmark_prints_every_phase_and_the_on_policy_check(model):
+    """On SD 1.x and on SD 3.x (the flow path, with the transformer's FLOPs counted) alike."""
+    proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "train_step.py"), "--model", model, "--batch", "2",
                            "--num-steps", "3", "--matmul-size", "256"], cwd=ROOT, env=OFFLINE, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
