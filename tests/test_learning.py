@@ -53,16 +53,22 @@ def command(script: str, seed: int, out) -> list:
     return study.command(run, study.Args(images=IMAGES, eval_every=epochs))
 
 
-@pytest.mark.parametrize("script", sorted(CONFIG))
-def test_reward_rises_on_the_shapes_world(tmp_path, script):
-    procs = [subprocess.Popen(command(script, seed, tmp_path), cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL,
+def eval_gains(name: str, command, tmp_path) -> dict:
+    """Run `command(seed, tmp_path)` for every seed of SEEDS side by side; seed -> eval reward after minus before."""
+    procs = [subprocess.Popen(command(seed, tmp_path), cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for seed in SEEDS]
     errors = [p.communicate(timeout=1200)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), f"{script} failed:\n" + "\n".join(e[-3000:] for e in errors)
+    assert all(p.returncode == 0 for p in procs), f"{name} failed:\n" + "\n".join(e[-3000:] for e in errors)
     gains = {}
     for seed in SEEDS:
         (_, before), (_, after) = scalars(tmp_path / f"seed{seed}")["eval/reward_mean"]
         gains[seed] = round(after - before, 4)
+    return gains
+
+
+@pytest.mark.parametrize("script", sorted(CONFIG))
+def test_reward_rises_on_the_shapes_world(tmp_path, script):
+    gains = eval_gains(script, lambda seed, out: command(script, seed, out), tmp_path)
     assert sum(gains.values()) / len(gains) > MARGIN[script], f"{script}: eval reward gain per seed {gains}"
 
 
@@ -81,8 +87,8 @@ def test_the_commands_carry_the_calibrated_changes(tmp_path):
 # reward, the flow family's sampling defaults (guidance 4.5, Flow-GRPO's noise level 0.7) at 10 steps, and the
 # README demo's shape of epoch (32 images, K = 8, two optimiser steps of 16) for 20 epochs (640 images) at learning
 # rate 3e-3 and clip 1e-2. At 16 images an epoch (K = 4) seed 1 did not move in 20 or 40 epochs (docs/world.md).
-# FLOW_WORST is the worst mean gain over the pairs of seeds 1-3 (docs/world.md); the margin is at most half of it.
-FLOW_WORST = 0.332  # seeds 1 and 2: +0.338 and +0.326; seed 3: +0.396
+# Worst mean gain over the pairs of seeds 1-3 (docs/world.md): 0.332 (seeds 1 and 2: +0.338 and +0.326; seed 3:
+# +0.396). The margin is at most half of it.
 FLOW_MARGIN = 0.15
 
 
@@ -95,12 +101,5 @@ def flow_command(seed: int, out) -> list:
 
 
 def test_loop_raises_the_reward_of_the_flow_matching_shapes_model(tmp_path):
-    procs = [subprocess.Popen(flow_command(seed, tmp_path), cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for seed in SEEDS]
-    errors = [p.communicate(timeout=1200)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "loop on shapes-flow failed:\n" + "\n".join(e[-3000:] for e in errors)
-    gains = {}
-    for seed in SEEDS:
-        (_, before), (_, after) = scalars(tmp_path / f"seed{seed}")["eval/reward_mean"]
-        gains[seed] = round(after - before, 4)
+    gains = eval_gains("loop on shapes-flow", flow_command, tmp_path)
     assert sum(gains.values()) / len(gains) > FLOW_MARGIN, f"loop on shapes-flow: eval reward gain per seed {gains}"
