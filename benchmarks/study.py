@@ -2,13 +2,16 @@
 
 Every method runs as a user runs it (a subprocess of its script, same flags where they mean the same thing)
 at the same budget of generated images, over several seeds. From the runs' TensorBoard events it writes a CSV
-of every evaluation and three figures: eval reward against images seen and against wall-clock (mean and a 95%
-bootstrap band over seeds, one line per method), and LOOP's final reward against K. After each run it evaluates the
-final checkpoint against the pretrained model on the same noise (benchmarks/evaluate.py) and writes final.csv and,
-in table.md, every configuration's paired gains and each paper's claims as paired differences with 95% bootstrap
-intervals and a verdict.
+of every evaluation and the figures: eval reward against images seen and against wall-clock (mean and a 95%
+bootstrap band over seeds, one line per method), LOOP's final reward against K, DPOK's reward against its KL over
+beta, and Score as Action's and PPO's gains at other step counts. After each run it evaluates the final checkpoint
+against the pretrained model on the same noise (benchmarks/evaluate.py) and writes final.csv and, in table.md,
+every configuration's paired gains and each paper's claims as paired differences with 95% bootstrap intervals and a
+verdict.
 
-    python benchmarks/study.py                  # the committed figures and table (docs/benchmarks.md)
+    python benchmarks/study.py                  # the many-prompt study: benchmarks/study/ (docs/benchmarks.md)
+    python benchmarks/study.py --prompts shapes_demo --images 320 --learning-rate 3e-3 --eval-every 4 \
+        --out benchmarks/study_one_prompt       # the single-prompt study (DPOK's single-prompt claims)
     python benchmarks/study.py --quick          # a smoke test of the whole pipeline in a few minutes
     python benchmarks/study.py --jobs 1         # one run at a time (2 threads each) instead of two (1 each)
 
@@ -50,15 +53,17 @@ class Args:
     """seeds of every configuration"""
     methods: Optional[tuple[str, ...]] = None
     """run only these configurations (names as in the table), e.g. loop_k4 ppo_k1 (default: all)"""
-    prompts: str = "shapes_demo"
-    """the prompt set: shapes_demo (one two-object prompt the pretrained model often gets wrong, evaluated on 32
-    fixed-noise samples of it) or shapes (60 training pairs, evaluated on the 30 held-out ones: docs/benchmarks.md
-    says why it is not the default)"""
-    images: int = 320
+    prompts: str = "shapes_study"
+    """the training prompt set, also the set of the in-run evaluations (32 fixed-noise samples) and of the final
+    reward gain: shapes_study (8 pairs the pretrained model binds poorly, the many-prompt task) or shapes_demo (one
+    prompt, the single-prompt study: docs/benchmarks.md gives both commands)"""
+    images: int = 1600
     """budget of generated training images per run"""
     images_per_epoch: int = 16
     """images sampled per epoch (a multiple of 16)"""
-    eval_every: int = 4
+    learning_rate: float = 1e-3
+    """every method's learning rate (DPOK's flags set its own, 1e-3)"""
+    eval_every: int = 10
     """epochs between evaluations (32 fixed prompts and noise)"""
     num_steps: int = 10
     """DDIM steps of sampling and training"""
@@ -79,9 +84,10 @@ class Args:
 
 
 # One line per configuration: the script and the flags that make it that method. Shared by all: 16 images an
-# epoch, guidance 5 (the pretrained model's; DPOK's and Score as Action's own defaults are 7.5 and 7), learning
-# rate 3e-3 (DPOK 1e-3), and for the clipped methods minibatches of 8 with one optimiser step each and clip 1e-2 (the
-# learning tests' calibrated setting, docs/world.md: the 256-dimensional latent makes SD's 1e-4 far too tight).
+# epoch, guidance 5 (the pretrained model's; DPOK's and Score as Action's own defaults are 7.5 and 7), --learning-rate
+# (1e-3; DPOK's flags set 1e-3 whatever it is), and for the clipped methods minibatches of 8 with one optimiser step
+# each and clip 1e-2 (the learning tests' calibrated setting, docs/world.md: the 256-dimensional latent makes SD's
+# 1e-4 far too tight).
 CLIPPED = ["--train-batch-size", "8", "--gradient-accumulation-steps", "1", "--clip", "1e-2"]
 # DPOK: a buffer of 5 epochs of transitions (800) so that V_phi, fitted first on the buffer, cannot memorise the
 # current epoch's rewards (with a one-epoch buffer it explained 97% of their variance and left no advantage), 2
@@ -143,7 +149,7 @@ def experiment(run: Run, args: Args) -> list:
     """The script and every flag of a run except where it writes: what makes two runs the same run."""
     batch = min(16, run.images_per_epoch)  # sampling batches of 16 (fewer only for an epoch of fewer images)
     return [f"{run.script}.py", "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
-            "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", "3e-3",
+            "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", f"{args.learning_rate:g}",
             "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(run.images_per_epoch // batch), *run.flags,
             "--num-epochs", str(run.epochs), "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every",
             "0", "--seed", str(run.seed)]
@@ -360,7 +366,7 @@ def final_tables(runs: list, args: Args, target: float) -> str:
     """The final evaluation's gains per configuration and the paired differences, with 95% bootstrap intervals."""
     names = list(dict.fromkeys(r.name for r in runs))
     by = {(r.name, r.seed): r for r in runs}
-    lines = [f"| method | seeds | reward gain ({args.prompts}) | judged right: before -> gain | held-out reward gain "
+    lines = [f"| method | seeds | reward gain ({args.prompts}) (seeds > 0) | judged right: before -> gain | held-out reward gain "
              f"({args.heldout}) | KL to pretrained | images to {target:.3f} (reached) |", "|---|---|---|---|---|---|---|"]
     for name in names:
         mine = [r for r in runs if r.name == name]
@@ -368,7 +374,8 @@ def final_tables(runs: list, args: Args, target: float) -> str:
         reach = [images_to_target(r.evals, target, args.images) for r in mine]
         judged_before = statistics.mean(x["judged_before"] for x in m)
         n = len(mine)
-        lines.append(f"| {name} | {n} | {interval(*bootstrap([x['reward_gain'] for x in m]), seeds=n)} | "
+        gained = sum(x["reward_gain"] > 0 for x in m)
+        lines.append(f"| {name} | {n} | {interval(*bootstrap([x['reward_gain'] for x in m]), seeds=n)} ({gained}/{n}) | "
                      f"{judged_before:.1%} -> {interval(*bootstrap([x['judged_gain'] for x in m]), seeds=n)} | "
                      f"{interval(*bootstrap([x['heldout_gain'] for x in m]), seeds=n)} | "
                      f"{interval(*bootstrap([x['kl'] for x in m]), digits=2, sign='', seeds=n)} | "
@@ -456,6 +463,48 @@ def plot(rows: list, out: Path, prompts: str):
         plt.close(fig)
 
 
+def plot_claims(runs: list, out: Path, args: Args):
+    """DPOK's reward against its KL to the pretrained model over beta, and the reward gain of Score as Action and PPO
+    (K = 1) against the step count of the evaluation: means over seeds with 95% bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by = lambda name: [r.metrics for r in runs if r.name == name]
+    dpok = [(n, by(n)) for n in ("dpok_beta0", "dpok", "dpok_beta0.1") if by(n)]
+    robust = [(n, by(n)) for n in ROBUSTNESS if by(n)]
+    if not dpok and not robust:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, m in dpok:
+        (gx, gl, gh), (kx, kl, kh) = bootstrap([x["reward_gain"] for x in m]), bootstrap([x["kl"] for x in m])
+        axes[0].errorbar([kx], [gx], xerr=[[kx - kl], [kh - kx]], yerr=[[gx - gl], [gh - gx]], marker="o", capsize=4,
+                         label={"dpok": "beta 0.01", "dpok_beta0": "beta 0", "dpok_beta0.1": "beta 0.1"}[name])
+    axes[0].set_xlabel("KL to the pretrained model (path, per dimension)")
+    axes[0].set_ylabel(f"reward gain ({args.prompts})")
+    axes[0].set_title("DPOK: reward against KL over beta")
+    steps = sorted({args.num_steps, *args.robustness_steps})
+    for name, m in robust:
+        key = lambda k: "reward_gain" if k == args.num_steps else f"reward_gain_{k}steps"
+        mean, low, high = np.array([bootstrap([x[key(k)] for x in m]) for k in steps]).T
+        axes[1].errorbar(steps, mean, yerr=[mean - low, high - mean], marker="o", capsize=4, label=name)
+    axes[1].axvline(args.num_steps, color="grey", lw=0.8, ls="--")
+    axes[1].set_xscale("log")
+    axes[1].set_xticks(steps, [str(k) for k in steps])
+    axes[1].minorticks_off()
+    axes[1].set_xlabel(f"DDIM steps at evaluation (trained at {args.num_steps})")
+    axes[1].set_ylabel("reward gain over the pretrained model")
+    axes[1].set_title("Score as Action: robustness to the step count")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "dpok_and_score_as_action.png", dpi=110)
+    plt.close(fig)
+
+
 def table(rows: list, target: float) -> str:
     names = list(dict.fromkeys(r["method"] for r in rows))
     lines = [f"| method | final eval reward (mean ± std) | gain over pretrained | images to reach {target:.3f} | s / 1000 images |",
@@ -493,6 +542,8 @@ def main(args: Args):
         raise SystemExit("error: --images must be a positive multiple of --images-per-epoch, itself a multiple of 16")
     if args.eval_every < 1 or args.jobs < 1 or args.num_steps < 1 or not args.seeds:
         raise SystemExit("error: --eval-every, --jobs and --num-steps must be at least 1, and --seeds must name one")
+    if not 0 < args.learning_rate < 1:
+        raise SystemExit(f"error: --learning-rate {args.learning_rate}: give a rate in (0, 1), such as 1e-3")
     if args.final_images < 1 or not all(1 <= n <= 1000 for n in args.robustness_steps):
         raise SystemExit("error: --final-images must be at least 1 and --robustness-steps in [1, 1000]")
     sets = sorted(p.stem for p in (ROOT / "prompts").glob("*.txt"))
@@ -553,6 +604,7 @@ def main(args: Args):
         writer.writerows({"method": r.name, "seed": r.seed, **r.metrics} for r in runs)
     (out / "table.md").write_text(text + "\n")
     plot(rows, out, args.prompts)
+    plot_claims(runs, out, args)
     print(text)
     print(f"wrote {out / 'evals.csv'}, {out / 'final.csv'}, {out / 'table.md'} and the figures in {out}")
 

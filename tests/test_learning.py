@@ -21,15 +21,15 @@ import subprocess
 import pytest
 from helpers import OFFLINE, PYTHON, ROOT, scalars
 
-# The runs are the study's (benchmarks/study.py: one prompt, 16 images an epoch at 10 DDIM steps, guidance 5,
-# learning rate 3e-3, the per-method flags calibrated there), so the study's table and these tests share one
-# setting, apart from the two changes below.
+# The runs are the single-prompt study's (benchmarks/study.py --prompts shapes_demo --images 320 --learning-rate
+# 3e-3: one prompt, 16 images an epoch at 10 DDIM steps, guidance 5, the per-method flags calibrated there), so its
+# table (benchmarks/study_one_prompt) and these tests share one setting, apart from the two changes below.
 _spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
 study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
 CONFIG = {"reinforce": "reinforce_k4", "ppo": "ppo_k4", "loop": "loop_k4", "dpok": "dpok",
           "score_as_action": "score_as_action"}
-SEEDS, IMAGES = (1, 2), study.Args().images  # 320 images: 20 epochs of 16
+SEEDS, IMAGES, LEARNING_RATE = (1, 2), 320, 3e-3  # 320 images: 20 epochs of 16
 # Two methods are not sure to learn at the study's setting within 320 images (docs/world.md): REINFORCE takes one
 # optimiser step per epoch where the clipped methods take two, and DPOK's learning rate is 1e-3. The tests give
 # REINFORCE epochs of 8 images (40 steps on the same 320 images) at learning rate 1e-3 (at 3e-3 and 2e-3 its seed 3
@@ -50,7 +50,8 @@ def command(script: str, seed: int, out) -> list:
     script_name, flags = study.CONFIGS[name]
     run = study.Run(name, seed, script_name, flags + EXTRA.get(script, []), dir=out / f"seed{seed}", epochs=epochs,
                     images_per_epoch=images_per_epoch)
-    return study.command(run, study.Args(images=IMAGES, eval_every=epochs))
+    return study.command(run, study.Args(prompts="shapes_demo", images=IMAGES, learning_rate=LEARNING_RATE,
+                                         eval_every=epochs))
 
 
 def eval_gains(name: str, command, tmp_path) -> dict:
@@ -78,7 +79,9 @@ def test_the_commands_carry_the_calibrated_changes(tmp_path):
     for script in CONFIG:
         argv = command(script, 1, tmp_path)
         lr = [argv[i + 1] for i, a in enumerate(argv) if a == "--learning-rate"][-1]
-        assert lr == dict(zip(EXTRA.get(script, [])[::2], EXTRA.get(script, [])[1::2])).get("--learning-rate", "3e-3")
+        assert float(lr) == float(dict(zip(EXTRA.get(script, [])[::2], EXTRA.get(script, [])[1::2])).get(
+            "--learning-rate", LEARNING_RATE))
+        assert argv[argv.index("--prompts") + 1] == "shapes_demo"
         batch, epochs = (int(argv[argv.index(flag) + 1]) for flag in ("--sample-batch-size", "--num-epochs"))
         assert batch == IMAGES_PER_EPOCH.get(script, 16) and batch * epochs == IMAGES
 
