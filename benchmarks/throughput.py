@@ -3,7 +3,7 @@
 Two settings, each a few epochs of a real run (a subprocess of the script, as a user runs it, without evaluations
 or checkpoints):
 - `readme`: the README's main job (loop.py, 32 images an epoch in one sampling call, minibatches of 16, 10 steps);
-- `study`: benchmarks/study.py's setting (every configuration there, 16 images an epoch, minibatches of 8).
+- `study`: benchmarks/study.py's single-prompt setting (every configuration there, 16 images an epoch, minibatches of 8).
 
 Each runs at the given ref (checked out into a temporary git worktree, so its own code and model) and at the working
 tree, alternately, `--repeats` times. It prints, per setting, the median over epochs of the scripts' own
@@ -57,7 +57,8 @@ def commands(args: Args) -> dict:
         out["readme"] = readme
     for name in args.methods if "study" in args.settings else ():
         run = study.Run(name, 1, *study.CONFIGS[name], dir=Path(), epochs=args.epochs, images_per_epoch=16)
-        argv = study.experiment(run, study.Args(images=16 * args.epochs, eval_every=args.epochs))
+        argv = study.experiment(run, study.Args(prompts="shapes_demo", learning_rate=3e-3, images=16 * args.epochs,
+                                                  eval_every=args.epochs))
         out[f"study {name}"] = demo_seeds.with_flags(argv, ["--image-every", "0"])
     return out
 

@@ -70,7 +70,7 @@ def test_study_quick_runs_every_step_and_resumes(tmp_path):
     assert final["loop_k4"]["reward_before"] == final["ppo_k1"]["reward_before"]  # same seed: same noise
     claims = table((tmp_path / "table.md").read_text(), "claim (a - b > 0)")
     assert claims["LOOP K=4 beats PPO (DDPO, K=1): sample efficiency"][-1] == "no verdict (1 seed; at least 3)"
-    assert table((tmp_path / "table.md").read_text(), "method | seeds")["loop_k4"][1].endswith("[n/a]")
+    assert re.fullmatch(r"\S+ \[n/a\] \([01]/1\)", table((tmp_path / "table.md").read_text(), "method | seeds")["loop_k4"][1])
     again = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("skip ") == 2, again.stdout[-2000:]
     assert list(csv.DictReader(open(tmp_path / "evals.csv"))) == rows
@@ -175,3 +175,26 @@ def test_the_final_evaluations_path_kl_is_exact_and_zero_at_the_start():
     assert (kl > 0).all()
     # float32 arithmetic on both sides: a mean of squares of O(1e-1) differences, compared relatively
     torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_prompt_pairs_picks_the_studys_task_by_its_rule():
+    """`benchmarks/prompt_pairs.py` scores every training pair and picks by the rule it prints: the chosen pairs meet
+    --max-judged and --min-spread and are the least often judged right among those that do. The study's task is 8
+    training pairs (none held out), each once."""
+    prompts = lambda name: (ROOT / "prompts" / f"{name}.txt").read_text().split("\n")[:-1]
+    study, train, heldout = prompts("shapes_study"), prompts("shapes"), prompts("shapes_eval")
+    assert len(study) == len(set(study)) == 8 and set(study) <= set(train) and not set(study) & set(heldout)
+    proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "prompt_pairs.py"), "--images", "3", "--count", "3",
+                           "--max-judged", "0.67", "--min-spread", "0.1", "--threads", "1"], cwd=ROOT, env=OFFLINE,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {m[0]: (float(m[1]), float(m[2]), int(m[3]) / 100)
+            for m in re.findall(r"^\| (a .+?) \| ([\d.]+) \| ([\d.]+) \| (\d+)% \|$", proc.stdout, re.M)}
+    assert list(rows) == train
+    chosen = proc.stdout.split("eligible: ")[1].splitlines()[1:4]
+    # the spread is printed to 3 decimals: a pair within 0.001 of --min-spread may fall either way
+    eligible = lambda margin: [p for p, (_, spread, judged) in rows.items() if judged <= 0.67 and spread >= 0.1 + margin]
+    assert set(chosen) <= set(eligible(-0.001)) and len(chosen) == 3
+    worst = max(rows[p][2] for p in chosen)  # no eligible pair outside the choice is judged right less often
+    assert all(rows[p][2] >= worst for p in eligible(0.001) if p not in chosen)
+    assert re.search(r"^prompts/shapes_study.txt holds (these|other) pairs", proc.stdout, re.M)
