@@ -133,8 +133,9 @@ def test_the_studys_intervals_and_verdicts():
     assert study.verdict(0.01, 0.2, 5) == "established" and study.verdict(-0.3, -0.01, 5) == "contradicted"
     assert study.verdict(-0.01, 0.2, 5) == "not established" and study.verdict(0.1, 0.2, 2).startswith("no verdict")
     evals = [(0, 0, 0.0, 0.3, 0.0), (4, 64, 1.0, 0.45, 0.0), (8, 128, 2.0, 0.5, 0.0)]
-    assert study.images_to_target(evals, 0.44, 320) == (64, True)
-    assert study.images_to_target(evals, 0.6, 320) == (320, False)
+    assert study.images_to_target(evals, 0.14, 320) == (64, True)  # relative to the run's own first evaluation
+    assert study.images_to_target(evals, 0.3, 320) == (320, False)
+    assert study.images_to_target([(0, 0, 0.0, 0.6, 0.0), *evals[1:]], -0.5, 320) == (64, True)  # never at 0 images
 
 
 def test_the_final_evaluations_path_kl_is_exact_and_zero_at_the_start():
