@@ -512,9 +512,9 @@ def plot_claims(runs: list, out: Path, args: Args):
     plt.close(fig)
 
 
-def table(rows: list, gain: float) -> str:
+def table(rows: list, target_gain: float) -> str:
     names = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [f"| method | final eval reward (mean ± std) | gain over pretrained | images to +{gain:g} | s / 1000 images |",
+    lines = [f"| method | final eval reward (mean ± std) | gain over pretrained | images to +{target_gain:g} | s / 1000 images |",
              "|---|---|---|---|---|"]
     for name in names:
         mine = [r for r in rows if r["method"] == name]
@@ -523,7 +523,7 @@ def table(rows: list, gain: float) -> str:
         start = [next(r["eval_reward"] for r in mine if r["seed"] == s and r["images"] == 0) for s in seeds]
         reach = []
         for s in seeds:
-            hit = [r["images"] for r in mine if r["seed"] == s and r["images"] > 0 and r["eval_reward"] >= start[seeds.index(s)] + gain]
+            hit = [r["images"] for r in mine if r["seed"] == s and r["images"] > 0 and r["eval_reward"] >= start[seeds.index(s)] + target_gain]
             reach.append(min(hit) if hit else None)
         reached = [x for x in reach if x is not None]
         reach_text = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(seeds)} seeds)" if reached else f"not reached (0/{len(seeds)})"
