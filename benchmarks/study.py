@@ -522,9 +522,10 @@ def table(rows: list, target_gain: float) -> str:
         final = [next(r["eval_reward"] for r in mine if r["seed"] == s and r["final"]) for s in seeds]
         start = [next(r["eval_reward"] for r in mine if r["seed"] == s and r["images"] == 0) for s in seeds]
         reach = []
-        for s in seeds:
-            hit = [r["images"] for r in mine if r["seed"] == s and r["images"] > 0 and r["eval_reward"] >= start[seeds.index(s)] + target_gain]
-            reach.append(min(hit) if hit else None)
+        for s in seeds:  # the rows of a run are its evaluations in order, as read_evals gave them
+            evals = [(r["epoch"], r["images"], r["seconds"], r["eval_reward"], r["kl_to_ref"]) for r in mine if r["seed"] == s]
+            images, reached = images_to_target(evals, target_gain, 0)
+            reach.append(images if reached else None)
         reached = [x for x in reach if x is not None]
         reach_text = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(seeds)} seeds)" if reached else f"not reached (0/{len(seeds)})"
         per_k = statistics.mean(r["run_seconds"] / r["budget"] * 1000 for r in mine if r["final"])
