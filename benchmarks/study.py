@@ -2,23 +2,34 @@
 
 Every method runs as a user runs it (a subprocess of its script, same flags where they mean the same thing)
 at the same budget of generated images, over several seeds. From the runs' TensorBoard events it writes a CSV
-of every evaluation and the figures: eval reward against images seen and against wall-clock (mean and a 95%
-bootstrap band over seeds, one line per method), LOOP's final reward against K, DPOK's reward against its KL over
-beta, and Score as Action's and PPO's gains at other step counts. After each run it evaluates the final checkpoint
-against the pretrained model on the same noise (benchmarks/evaluate.py) and writes final.csv and, in table.md,
-every configuration's paired gains and each paper's claims as paired differences with 95% bootstrap intervals and a
-verdict.
+of every evaluation and the figures: eval reward against images seen and against wall-clock (mean and a 95% t band
+over seeds, one line per method), LOOP's final reward against K, DPOK's reward against its KL over beta, and Score as
+Action's and PPO's gains at other step counts. After each run it evaluates the final checkpoint against the
+pretrained model on the same noise (benchmarks/evaluate.py) and writes final.csv and, in table.md, every
+configuration's paired gains and each paper's claims as paired differences over seeds: the t interval, the bootstrap
+interval beside it, a verdict with Holm's correction within the paper's family of claims, the equivalence reading
+and the diverged runs (benchmarks/stats.py, docs/benchmarks.md).
 
-    python benchmarks/study.py                  # the many-prompt study: benchmarks/study/ (docs/benchmarks.md)
-    python benchmarks/study.py --prompts shapes_demo --images 320 --learning-rate 3e-3 --eval-every 4 \
-        --out benchmarks/study_one_prompt       # the single-prompt study (DPOK's single-prompt claims)
+    python benchmarks/study.py                  # the many-prompt study, into runs/study/
     python benchmarks/study.py --quick          # a smoke test of the whole pipeline in a few minutes
     python benchmarks/study.py --jobs 1         # one run at a time (2 threads each) instead of two (1 each)
+
+The committed results are regenerated only by naming their folder (docs/benchmarks.md has every command):
+
+    python benchmarks/study.py --out benchmarks/study       # 10 configurations x seeds 1-5
+    python benchmarks/study.py --out benchmarks/study --methods loop_k4 ppo_k1 ppo_k4 reinforce_k4 \
+        --seeds 6 7 8 9 10 11 12                            # LOOP's claims at 12 seeds
+    python benchmarks/study.py --out benchmarks/study_one_prompt --prompts shapes_demo --images 320 \
+        --learning-rate 3e-3 --eval-every 4                 # the single-prompt study (DPOK's single-prompt claims)
+    python benchmarks/study.py --out benchmarks/study --report   # the tables and figures again, running nothing
 
 A run's folder is named by its configuration, its seed and a hash of its full command line, which done.json
 records: a rerun reuses a finished run only when the command it would run now is the same, and a run made with other
 flags (a different --num-steps, say) sits in a folder of its own and is never mixed into the table. An interrupted
-run starts over. Stopping the study (Ctrl-C, SIGTERM) stops the runs it started before it exits.
+run starts over. A study holds OUT's lock while it runs, so a second study on the same folder stops at once instead
+of removing the first one's runs. Results already in OUT are kept when the settings (study.json) are the same, so
+seeds and configurations can be added; with other settings the study stops. Stopping the study (Ctrl-C, SIGTERM)
+stops the runs it started before it exits.
 """
 
 import csv
@@ -42,13 +53,19 @@ from typing import Optional
 
 import tyro
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stats  # noqa: E402
+from stats import MIN_SEEDS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class Args:
-    out: str = str(ROOT / "benchmarks" / "study")
-    """where the CSV, the figures and the table go (the runs go to OUT/runs)"""
+    out: str = str(ROOT / "runs" / "study")
+    """where the CSVs, the figures and the table go (the runs go to OUT/runs); the committed results are regenerated
+    only by naming their folder, --out benchmarks/study. Results already in OUT from the same settings are kept and
+    the runs of this invocation are added to them (or replace those of the same configuration and seed)"""
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     """seeds of every configuration"""
     methods: Optional[tuple[str, ...]] = None
@@ -77,6 +94,8 @@ class Args:
     """step counts the final evaluation adds for score_as_action and ppo_k1 (trained at --num-steps)"""
     device: Optional[str] = None
     """cuda or cpu for every run and final evaluation (default: theirs, cuda if available)"""
+    report: bool = False
+    """run nothing: rebuild the tables and figures from OUT's CSVs (after a change to the statistics, say)"""
     quick: bool = False
     """smoke test: two configurations, one seed, 32 images, 5 DDIM steps"""
     target_gain: float = 0.1
@@ -111,26 +130,36 @@ CONFIGS = {
 QUICK = ("loop_k4", "ppo_k1")
 ROBUSTNESS = ("score_as_action", "ppo_k1")  # also evaluated at --robustness-steps (Score as Action's claim)
 
-# The paired comparisons: (claim, metric, a, b); the difference a - b at each seed (same prompts and noise for both),
-# and its bootstrap interval over the seeds. The claim holds in the direction a > b.
+# The paired comparisons: (family, claim, metric, a, b); the difference a - b at each seed (same prompts and noise for
+# both) and its intervals over the seeds. The claim holds in the direction a > b. A family is one paper's claims, tested
+# together with Holm's correction (benchmarks/stats.py); Score as Action's step-count claims are added by `claims`.
+LOOP, DPOK = "LOOP", "DPOK"
 PAIRS = [
-    ("LOOP K=4 beats PPO (DDPO, K=1): sample efficiency", "reward_gain", "loop_k4", "ppo_k1"),
-    ("the leave-one-out baseline alone: LOOP K=4 beats PPO K=4", "reward_gain", "loop_k4", "ppo_k4"),
-    ("more images per prompt alone: PPO K=4 beats PPO K=1", "reward_gain", "ppo_k4", "ppo_k1"),
-    ("LOOP K=4 beats REINFORCE K=4 at equal compute", "reward_gain", "loop_k4", "reinforce_k4"),
-    ("K: LOOP K=4 beats K=2", "reward_gain", "loop_k4", "loop_k2"),
-    ("K: LOOP K=8 beats K=4", "reward_gain", "loop_k8", "loop_k4"),
-    ("K: LOOP K=8 beats K=2", "reward_gain", "loop_k8", "loop_k2"),
-    ("LOOP K=4 beats PPO K=1 in judged-right binding", "judged_gain", "loop_k4", "ppo_k1"),
-    ("DPOK's KL term keeps the model closer to the pretrained one (KL, beta 0 minus 0.01)", "kl", "dpok_beta0", "dpok"),
-    ("DPOK's KL term costs reward (gain, beta 0 minus 0.01)", "reward_gain", "dpok_beta0", "dpok"),
-    ("DPOK's KL term protects prompts not trained (held-out gain, 0.01 minus beta 0)", "heldout_gain", "dpok", "dpok_beta0"),
-    ("DPOK's KL term at beta 0.1 keeps the model closer (KL, beta 0 minus 0.1)", "kl", "dpok_beta0", "dpok_beta0.1"),
-    ("DPOK's KL term at beta 0.1 costs reward (gain, beta 0 minus 0.1)", "reward_gain", "dpok_beta0", "dpok_beta0.1"),
-    ("DPOK's KL term at beta 0.1 protects prompts not trained (held-out gain, 0.1 minus beta 0)", "heldout_gain",
-     "dpok_beta0.1", "dpok_beta0"),
+    (LOOP, "LOOP K=4 beats PPO (DDPO, K=1): sample efficiency", "reward_gain", "loop_k4", "ppo_k1"),
+    (LOOP, "the leave-one-out baseline alone: LOOP K=4 beats PPO K=4", "reward_gain", "loop_k4", "ppo_k4"),
+    (LOOP, "more images per prompt alone: PPO K=4 beats PPO K=1", "reward_gain", "ppo_k4", "ppo_k1"),
+    (LOOP, "LOOP K=4 beats REINFORCE K=4 at equal compute", "reward_gain", "loop_k4", "reinforce_k4"),
+    (LOOP, "K: LOOP K=4 beats K=2", "reward_gain", "loop_k4", "loop_k2"),
+    (LOOP, "K: LOOP K=8 beats K=4", "reward_gain", "loop_k8", "loop_k4"),
+    (LOOP, "K: LOOP K=8 beats K=2", "reward_gain", "loop_k8", "loop_k2"),
+    (LOOP, "LOOP K=4 beats PPO K=1 in judged-right binding", "judged_gain", "loop_k4", "ppo_k1"),
+    (DPOK, "DPOK's KL term keeps the model closer to the pretrained one (KL, beta 0 minus 0.01)", "kl", "dpok_beta0",
+     "dpok"),
+    (DPOK, "DPOK's KL term costs reward (gain, beta 0 minus 0.01)", "reward_gain", "dpok_beta0", "dpok"),
+    (DPOK, "DPOK's KL term protects prompts not trained (held-out gain, 0.01 minus beta 0)", "heldout_gain", "dpok",
+     "dpok_beta0"),
+    (DPOK, "DPOK's KL term at beta 0.1 keeps the model closer (KL, beta 0 minus 0.1)", "kl", "dpok_beta0",
+     "dpok_beta0.1"),
+    (DPOK, "DPOK's KL term at beta 0.1 costs reward (gain, beta 0 minus 0.1)", "reward_gain", "dpok_beta0",
+     "dpok_beta0.1"),
+    (DPOK, "DPOK's KL term at beta 0.1 protects prompts not trained (held-out gain, 0.1 minus beta 0)",
+     "heldout_gain", "dpok_beta0.1", "dpok_beta0"),
 ]
-RESAMPLES = 10_000
+# A run diverged when its final path KL to the pretrained model (benchmarks/evaluate.py, per latent dimension,
+# summed over steps) exceeds this: fixed before the study's seeds 6-12 were run, at twice the largest KL of the 49
+# runs of seeds 1-5 that did not blow up (4.61; the one that did, LOOP K=4 at seed 4, ended at 20.75).
+DIVERGED_KL = 10.0
+EQUIVALENCE = 0.05  # a 95% interval inside +-0.05 (reward, or judged-right fraction) reads "no difference larger"
 
 
 @dataclass
@@ -301,105 +330,95 @@ def final_metrics(run: Run, args: Args, result: dict) -> dict:
     return out
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its CDF, integrated by
-    Simpson's rule (t_0.975 with 4 degrees of freedom: 2.7764)."""
-    import numpy as np
-
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(x):
-        u = np.linspace(0.0, x, 2001)
-        f = c * (1 + u**2 / df) ** (-(df + 1) / 2)
-        return 0.5 + (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-
-    low, high = 0.0, 100.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if cdf(mid) < p else (low, mid)
-    return (low + high) / 2
+def diverged(metrics: dict) -> bool:
+    """A run diverged when its final path KL to the pretrained model exceeds DIVERGED_KL."""
+    return metrics["kl"] > DIVERGED_KL
 
 
-def bootstrap(values, resamples: int = RESAMPLES, seed: int = 0) -> tuple:
-    """(mean, low, high): the mean over seeds and its expanded-percentile bootstrap 95% interval (Hesterberg 2015,
-    "What teachers should know about the bootstrap", section 4.3): the seeds are resampled with replacement and the
-    interval is the alpha'/2 and 1 - alpha'/2 percentiles of the resampled means, with
-    alpha'/2 = Phi(-sqrt(n / (n - 1)) t_{0.975, n-1}), which widens the plain percentile interval for the few seeds
-    a study has. With 5 normal seeds the plain 95% percentile interval covered the mean 86.5% of the time (400
-    simulations), this one 93.8%; unlike a bootstrap-t interval it stays within the values' range."""
-    import numpy as np
-    from statistics import NormalDist
-
-    v = np.asarray(values, dtype=float)
-    n = len(v)
-    if n < 2 or v.min() == v.max():
-        return float(v.mean()), float(v.mean()), float(v.mean())
-    tail = NormalDist().cdf(-math.sqrt(n / (n - 1)) * t_quantile(0.975, n - 1))
-    means = v[np.random.default_rng(seed).integers(0, n, (resamples, n))].mean(axis=1)
-    low, high = np.percentile(means, [100 * tail, 100 * (1 - tail)])
-    return float(v.mean()), float(low), float(high)
-
-
-MIN_SEEDS = 3  # fewer seeds give no verdict (a bootstrap over 1 or 2 values is no interval)
-
-
-def verdict(low: float, high: float, seeds: int) -> str:
-    """A claim that a - b > 0: established when the interval lies above 0, contradicted when below, else not."""
-    if seeds < MIN_SEEDS:
-        return f"no verdict ({seeds} seed{'s' * (seeds != 1)}; at least {MIN_SEEDS})"
-    return "established" if low > 0 else "contradicted" if high < 0 else "not established"
-
-
-def interval(mean: float, low: float, high: float, digits: int = 3, sign: str = "+", seeds: int = MIN_SEEDS) -> str:
+def interval(mean: float, low: float, high: float, n: int, digits: int = 3, sign: str = "+") -> str:
     """`mean [low, high]`, or the mean alone below MIN_SEEDS seeds (no interval worth printing)."""
-    if seeds < MIN_SEEDS:
-        return f"{mean:{sign}.{digits}f} [n/a]"
+    if n < MIN_SEEDS:
+        return f"{mean:{sign}.{digits}f} [n/a: {stats.seeds(n)}]"
     return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
 
-def images_to_target(evals: list, gain: float, budget: int) -> tuple:
-    """(images at the first in-run evaluation after training began at or above the first evaluation + gain, reached?);
-    a run that never reaches it counts as the budget (a lower bound: the interval of such a configuration understates
-    its images)."""
-    hit = [images for _, images, _, reward, _ in evals[1:] if reward >= evals[0][3] + gain]
-    return (min(hit), True) if hit else (budget, False)
+def both(values: list, digits: int = 3, sign: str = "+") -> str:
+    """The t interval, then the bootstrap interval's ends: `mean [t low, t high] (bootstrap [low, high])`."""
+    n = len(values)
+    text = interval(*stats.t_interval(values), n, digits, sign)
+    if n < MIN_SEEDS:
+        return text
+    _, low, high = stats.bootstrap(values)
+    return f"{text} ({low:{sign}.{digits}f}, {high:{sign}.{digits}f})"
 
 
-def final_tables(runs: list, args: Args) -> str:
-    """The final evaluation's gains per configuration and the paired differences, with 95% bootstrap intervals."""
-    names = list(dict.fromkeys(r.name for r in runs))
-    by = {(r.name, r.seed): r for r in runs}
-    lines = [f"| method | seeds | reward gain ({args.prompts}) (seeds > 0) | judged right: before -> gain | held-out reward gain "
-             f"({args.heldout}) | KL to pretrained | images to +{args.target_gain:g} (reached) |", "|---|---|---|---|---|---|---|"]
+def images_to_target(evals: list, reference: float, gain: float) -> Optional[int]:
+    """Images at the first in-run evaluation after training began whose reward is at least reference + gain and
+    stays so at the next evaluation (reached and held: a spike does not count, and neither does the last
+    evaluation, which has no next); None when never. The reference is the pretrained model's reward in the final
+    evaluation (--final-images samples), not the run's own 32-sample first evaluation."""
+    rewards = [reward for _, _, _, reward, _ in evals]
+    for i in range(1, len(evals) - 1):
+        if min(rewards[i], rewards[i + 1]) >= reference + gain:
+            return evals[i][1]
+    return None
+
+
+def claims(finals: dict, args: Args) -> list:
+    """(family, claim, metric, a, b, paired differences by seed) of every claim whose runs exist: PAIRS, then Score
+    as Action's robustness to the step count (the drop of the gain from the training step count to another)."""
+    out = []
+    for family, claim, metric, a, b in PAIRS:
+        seeds = sorted(s for (n, s) in finals if n == a and (b, s) in finals)
+        if seeds and any(finals[a, s] != finals[b, s] for s in seeds):  # identical runs make no claim either way
+            out.append((family, claim, metric, a, b, {s: finals[a, s][metric] - finals[b, s][metric] for s in seeds}))
+    seeds = sorted(s for (n, s) in finals if n == "score_as_action" and ("ppo_k1", s) in finals)
+    for steps in args.robustness_steps if seeds else ():
+        drop = lambda m: m["reward_gain"] - m[f"reward_gain_{steps}steps"]
+        out.append(("Score as Action", f"Score as Action's gain drops less than PPO's from {args.num_steps} to {steps} "
+                    "steps (PPO's drop minus Score as Action's)", "reward_gain", "score_as_action", "ppo_k1",
+                    {s: drop(finals["ppo_k1", s]) - drop(finals["score_as_action", s]) for s in seeds}))
+    return out
+
+
+def final_tables(finals: dict, evals: dict, args: Args) -> str:
+    """The final evaluation's gains per configuration, then every claim: the paired t interval and the bootstrap
+    interval, Holm's verdict within the claim's family, the equivalence reading and the divergences."""
+    names = list(dict.fromkeys(n for n, _ in finals))
+    lines = [f"| method | seeds | reward gain ({args.prompts}) (seeds > 0) | judged right: before -> gain | "
+             f"held-out reward gain ({args.heldout}) | KL to pretrained | diverged | reached +{args.target_gain:g}, "
+             "median images |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
-        mine = [r for r in runs if r.name == name]
-        m = [r.metrics for r in mine]
-        reach = [images_to_target(r.evals, args.target_gain, args.images) for r in mine]
-        judged_before = statistics.mean(x["judged_before"] for x in m)
-        n = len(mine)
-        gained = sum(x["reward_gain"] > 0 for x in m)
-        lines.append(f"| {name} | {n} | {interval(*bootstrap([x['reward_gain'] for x in m]), seeds=n)} ({gained}/{n}) | "
-                     f"{judged_before:.1%} -> {interval(*bootstrap([x['judged_gain'] for x in m]), seeds=n)} | "
-                     f"{interval(*bootstrap([x['heldout_gain'] for x in m]), seeds=n)} | "
-                     f"{interval(*bootstrap([x['kl'] for x in m]), digits=2, sign='', seeds=n)} | "
-                     f"{interval(*bootstrap([i for i, _ in reach]), digits=0, sign='', seeds=n)} ({sum(ok for _, ok in reach)}/{len(mine)}) |")
-    lines += ["", "| claim (a - b > 0) | metric | a - b, mean [95% interval] | seeds | verdict |", "|---|---|---|---|---|"]
-    for claim, metric, a, b in PAIRS:
-        seeds = sorted(s for (n, s) in by if n == a and (b, s) in by)
-        if not seeds:
-            continue
-        diff = bootstrap([by[a, s].metrics[metric] - by[b, s].metrics[metric] for s in seeds])
-        # identical runs (PPO K=1 and K=4 on one prompt: every image is of the same prompt) make no claim either way
-        same = all(by[a, s].metrics == by[b, s].metrics for s in seeds)
-        lines.append(f"| {claim} | {metric} | {interval(*diff)} | {len(seeds)} | "
-                     f"{'n/a: identical runs' if same else verdict(*diff[1:], len(seeds))} |")
-    robust = [(s, by["score_as_action", s], by["ppo_k1", s]) for (n, s) in by if n == "score_as_action" and ("ppo_k1", s) in by]
-    for steps in args.robustness_steps if robust else ():
-        # the drop of the gain from the training step count to `steps`: Score as Action's claim is a smaller drop
-        drop = lambda r: r.metrics["reward_gain"] - r.metrics[f"reward_gain_{steps}steps"]
-        diff = bootstrap([drop(ppo) - drop(saa) for _, saa, ppo in robust])
-        lines.append(f"| Score as Action's gain drops less than PPO's from {args.num_steps} to {steps} steps (PPO's drop "
-                     f"minus Score as Action's) | reward_gain | {interval(*diff)} | {len(robust)} | {verdict(*diff[1:], len(robust))} |")
+        seeds = sorted(s for n, s in finals if n == name)
+        m = [finals[name, s] for s in seeds]
+        n = len(m)
+        column = lambda key: [x[key] for x in m]
+        reach = [images_to_target(evals[name, s], finals[name, s]["reward_before"], args.target_gain)
+                 for s in seeds if (name, s) in evals]
+        hit = [i for i in reach if i is not None]
+        median = f", {statistics.median(hit):.0f}" if hit else ""
+        lines.append(f"| {name} | {n} | {both(column('reward_gain'))} ({sum(g > 0 for g in column('reward_gain'))}/{n})"
+                     f" | {statistics.mean(column('judged_before')):.1%} -> {both(column('judged_gain'))} | "
+                     f"{both(column('heldout_gain'))} | {both(column('kl'), 2, '')} | {sum(map(diverged, m))}/{n} | "
+                     f"{len(hit)}/{len(reach)}{median} |")
+    found = claims(finals, args)
+    verdicts = {}
+    for family in dict.fromkeys(f for f, *_ in found):
+        verdicts.update(stats.holm({c: list(d.values()) for f, c, *_, d in found if f == family}))
+    lines += ["", "| claim (a - b > 0) | family (claims) | metric | seeds | a - b: mean [t 95%] (bootstrap 95%) | "
+              f"Holm p | verdict | equivalence (+-{EQUIVALENCE:g}) | diverged a, b | without diverged pairs [t 95%] |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for family, claim, metric, a, b, diff in found:
+        v, seeds = verdicts[claim], sorted(diff)
+        values = [diff[s] for s in seeds]
+        mean, low, high = stats.t_interval(values)
+        equivalent = stats.equivalence(low, high, EQUIVALENCE) if metric != "kl" and len(seeds) >= MIN_SEEDS else ""
+        kept = [diff[s] for s in seeds if not diverged(finals[a, s]) and not diverged(finals[b, s])]
+        count = lambda name: sum(diverged(finals[name, s]) for s in seeds)
+        p = f"{v['p_holm']:.3f}" if v["p_holm"] == v["p_holm"] else "n/a"
+        lines.append(f"| {claim} | {family} ({v['m']}) | {metric} | {len(seeds)} | {both(values)} | {p} | {v['verdict']} "
+                     f"| {equivalent} | {count(a)}, {count(b)} | "
+                     f"{interval(*stats.t_interval(kept), len(kept)) if len(kept) < len(values) else 'none diverged'} |")
     return "\n".join(lines)
 
 
@@ -438,7 +457,7 @@ def plot(rows: list, out: Path, prompts: str):
         mine = [r for r in rows if r["method"] == name]
         images = sorted({r["images"] for r in mine})
         curves = [[r["eval_reward"] for r in mine if r["images"] == i] for i in images]
-        mean, low, high = np.array([bootstrap(c) for c in curves]).T  # the band: a 95% interval over seeds
+        mean, low, high = np.array([stats.t_interval(c) for c in curves]).T  # the band: a 95% t interval over seeds
         seconds = np.array([np.mean([r["seconds"] for r in mine if r["images"] == i]) for i in images])
         for ax, x in ((axes[0], np.array(images)), (axes[1], seconds)):
             ax.plot(x, mean, label=name)
@@ -456,7 +475,8 @@ def plot(rows: list, out: Path, prompts: str):
     loops = sorted((int(n.split("_k")[1]), n) for n in names if n.startswith("loop_k"))
     if loops:
         fig, ax = plt.subplots(figsize=(5, 4))
-        finals = np.array([bootstrap([r["eval_reward"] for r in rows if r["method"] == n and r["final"]]) for _, n in loops])
+        finals = np.array([stats.t_interval([r["eval_reward"] for r in rows if r["method"] == n and r["final"]])
+                           for _, n in loops])
         ax.errorbar([k for k, _ in loops], finals[:, 0], yerr=[finals[:, 0] - finals[:, 1], finals[:, 2] - finals[:, 0]],
                     marker="o", capsize=4)
         ax.set_xscale("log", base=2)
@@ -469,23 +489,23 @@ def plot(rows: list, out: Path, prompts: str):
         plt.close(fig)
 
 
-def plot_claims(runs: list, out: Path, args: Args):
+def plot_claims(finals: dict, out: Path, args: Args):
     """DPOK's reward against its KL to the pretrained model over beta, and the reward gain of Score as Action and PPO
-    (K = 1) against the step count of the evaluation: means over seeds with 95% bootstrap intervals."""
+    (K = 1) against the step count of the evaluation: means over seeds with 95% t intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    by = lambda name: [r.metrics for r in runs if r.name == name]
+    by = lambda name: [m for (n, _), m in finals.items() if n == name]
     dpok = [(n, by(n)) for n in ("dpok_beta0", "dpok", "dpok_beta0.1") if by(n)]
     robust = [(n, by(n)) for n in ROBUSTNESS if by(n)]
     if not dpok and not robust:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, m in dpok:
-        (gx, gl, gh), (kx, kl, kh) = bootstrap([x["reward_gain"] for x in m]), bootstrap([x["kl"] for x in m])
+        (gx, gl, gh), (kx, kl, kh) = stats.t_interval([x["reward_gain"] for x in m]), stats.t_interval([x["kl"] for x in m])
         axes[0].errorbar([kx], [gx], xerr=[[kx - kl], [kh - kx]], yerr=[[gx - gl], [gh - gx]], marker="o", capsize=4,
                          label={"dpok": "beta 0.01", "dpok_beta0": "beta 0", "dpok_beta0.1": "beta 0.1"}[name])
     axes[0].set_xlabel("KL to the pretrained model (path, per dimension)")
@@ -494,7 +514,7 @@ def plot_claims(runs: list, out: Path, args: Args):
     steps = sorted({args.num_steps, *args.robustness_steps})
     for name, m in robust:
         key = lambda k: "reward_gain" if k == args.num_steps else f"reward_gain_{k}steps"
-        mean, low, high = np.array([bootstrap([x[key(k)] for x in m]) for k in steps]).T
+        mean, low, high = np.array([stats.t_interval([x[key(k)] for x in m]) for k in steps]).T
         axes[1].errorbar(steps, mean, yerr=[mean - low, high - mean], marker="o", capsize=4, label=name)
     axes[1].axvline(args.num_steps, color="grey", lw=0.8, ls="--")
     axes[1].set_xscale("log")
@@ -512,29 +532,74 @@ def plot_claims(runs: list, out: Path, args: Args):
     plt.close(fig)
 
 
-def table(rows: list, target_gain: float) -> str:
+def table(rows: list) -> str:
+    """The in-run evaluations (32 fixed-noise samples): each configuration's last one, its gain over the first, and
+    the wall-clock per 1000 training images."""
     names = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [f"| method | final eval reward (mean ± std) | gain over pretrained | images to +{target_gain:g} | s / 1000 images |",
-             "|---|---|---|---|---|"]
+    lines = ["| method (in-run evaluations) | seeds | final in-run eval reward (mean ± sd) | gain over its first evaluation (mean ± sd) | "
+             "s / 1000 images |", "|---|---|---|---|---|"]
     for name in names:
         mine = [r for r in rows if r["method"] == name]
         seeds = sorted({r["seed"] for r in mine})
         final = [next(r["eval_reward"] for r in mine if r["seed"] == s and r["final"]) for s in seeds]
         start = [next(r["eval_reward"] for r in mine if r["seed"] == s and r["images"] == 0) for s in seeds]
-        reach = []
-        for s in seeds:  # the rows of a run are its evaluations in order, as read_evals gave them
-            evals = [(r["epoch"], r["images"], r["seconds"], r["eval_reward"], r["kl_to_ref"]) for r in mine if r["seed"] == s]
-            images, reached = images_to_target(evals, target_gain, 0)
-            reach.append(images if reached else None)
-        reached = [x for x in reach if x is not None]
-        reach_text = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(seeds)} seeds)" if reached else f"not reached (0/{len(seeds)})"
         per_k = statistics.mean(r["run_seconds"] / r["budget"] * 1000 for r in mine if r["final"])
         gain = [f - s for f, s in zip(final, start)]
-        sd = statistics.stdev(final) if len(final) > 1 else 0.0
-        gsd = statistics.stdev(gain) if len(gain) > 1 else 0.0
-        lines.append(f"| {name} | {statistics.mean(final):.3f} ± {sd:.3f} | {statistics.mean(gain):+.3f} ± {gsd:.3f} | "
-                     f"{reach_text} | {per_k:.0f} |")
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+        lines.append(f"| {name} | {len(seeds)} | {statistics.mean(final):.3f} ± {sd(final):.3f} | "
+                     f"{statistics.mean(gain):+.3f} ± {sd(gain):.3f} | {per_k:.0f} |")
     return "\n".join(lines)
+
+
+SETTINGS = ("prompts", "images", "images_per_epoch", "learning_rate", "eval_every", "num_steps", "heldout",
+            "final_images", "robustness_steps")  # what makes results of two invocations one study
+
+
+def read_csv(path: Path) -> list:
+    """A CSV's rows with numbers as numbers (an empty cell as absent)."""
+    def value(text):
+        if text in ("True", "False"):
+            return text == "True"
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+
+    with open(path, newline="") as f:
+        return [{k: v if k == "method" else value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def previous_results(out: Path, args: Args) -> tuple:
+    """(evals rows, final rows) already in OUT from earlier invocations with the same settings (study.json), so that
+    seeds or configurations can be added to a study; ([], []) for a new study. Results made with other settings stop
+    the study in one line instead of being mixed in."""
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in SETTINGS}
+    record = out / "study.json"
+    if not (out / "final.csv").exists():
+        return [], []
+    try:
+        recorded = json.loads(record.read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        raise SystemExit(f"error: {out} holds results without a readable study.json naming their settings; give "
+                         "another --out")
+    if recorded != settings:
+        changed = ", ".join(f"--{k.replace('_', '-')} {recorded.get(k)} there, {settings[k]} here" for k in settings
+                            if recorded.get(k) != settings[k])
+        raise SystemExit(f"error: {out} holds a study made with other settings ({changed}); give another --out")
+    return read_csv(out / "evals.csv"), read_csv(out / "final.csv")
+
+
+def lock_study(out: Path):
+    """Hold OUT's study lock (the kernel's flock on OUT/.study.lock) for this process's life, or stop in one line: a
+    second study on the same --out must not remove or rewrite the first one's runs."""
+    import fcntl
+
+    fd = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: another study is running on --out {out}; wait for it to end, or give another --out")
+    return fd
 
 
 def main(args: Args):
@@ -566,9 +631,11 @@ def main(args: Args):
         tempfile.TemporaryDirectory(dir=out).cleanup()
     except OSError as e:
         raise SystemExit(f"error: --out {out} is not writable ({type(e).__name__}: {e.strerror}); choose another --out")
+    lock = lock_study(out)  # noqa: F841 (held until exit)
+    old_rows, old_finals = previous_results(out, args)
     epochs = args.images // args.images_per_epoch
     runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], Path(), epochs, args.images_per_epoch)
-            for s, n in itertools.product(args.seeds, names)]
+            for s, n in itertools.product(args.seeds, names)] if not args.report else []
     for run in runs:
         run.dir = run_folder(out, run, args)
     threads = max(1, 2 // args.jobs)
@@ -580,38 +647,53 @@ def main(args: Args):
         done[0] += msg.startswith(("done", "skip"))
         print(f"[{time.strftime('%H:%M:%S')}] [{done[0]}/{len(runs)}] {msg}", flush=True)
 
-    log(f"{len(runs)} runs: {len(names)} configurations x {len(args.seeds)} seeds, {args.images} images each, "
-        f"{args.jobs} at once with {threads} thread(s)")
     def execute_and_evaluate(run):
         execute(run, args, threads, log)
         run.metrics = final_metrics(run, args, final_eval(run, args, threads, log))
         return run
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(execute_and_evaluate, runs))
+    if runs:
+        log(f"{len(runs)} runs: {len(names)} configurations x {len(args.seeds)} seeds, {args.images} images each, "
+            f"{args.jobs} at once with {threads} thread(s)")
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(execute_and_evaluate, runs))
 
-    rows = []
+    new_rows = []
     for run in runs:
-        evals = run.evals = read_evals(run, args)
-        for j, (epoch, images, seconds, reward, kl) in enumerate(evals):
-            rows.append(dict(method=run.name, k=next((int(f) for f, g in zip(run.flags[1:], run.flags) if g == "--k"), 1),
-                             seed=run.seed, epoch=epoch, images=images, unet_evals=epoch * unet_rows_per_epoch(run, args), seconds=round(seconds, 2),
-                             eval_reward=round(reward, 5), kl_to_ref=kl, final=j == len(evals) - 1, budget=args.images,
-                             run_seconds=round(run.seconds, 1)))
+        run_evals = read_evals(run, args)
+        for j, (epoch, images, seconds, reward, kl) in enumerate(run_evals):
+            new_rows.append(dict(method=run.name, k=next((int(f) for f, g in zip(run.flags[1:], run.flags) if g == "--k"), 1),
+                                 seed=run.seed, epoch=epoch, images=images, unet_evals=epoch * unet_rows_per_epoch(run, args),
+                                 seconds=round(seconds, 2), eval_reward=round(reward, 5), kl_to_ref=kl,
+                                 final=j == len(run_evals) - 1, budget=args.images, run_seconds=round(run.seconds, 1)))
+    ran = {(r.name, r.seed) for r in runs}
+    # the rows of this invocation's runs replace those of the same configuration and seed; the others are kept
+    rows = [r for r in old_rows if (r["method"], r["seed"]) not in ran] + new_rows
+    finals = {(r["method"], r["seed"]): {k: v for k, v in r.items() if k not in ("method", "seed")} for r in old_finals}
+    finals.update({(r.name, r.seed): r.metrics for r in runs})
+    if not finals:
+        raise SystemExit(f"error: --report: {out} holds no results; run the study first")
+    evals = {}
+    for r in rows:
+        evals.setdefault((r["method"], r["seed"]), []).append((r["epoch"], r["images"], r["seconds"], r["eval_reward"],
+                                                               r["kl_to_ref"]))
     with open(out / "evals.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    text = table(rows, args.target_gain) + "\n\nFinal evaluation (benchmarks/evaluate.py), paired gains over the " \
-        "pretrained model with 95% expanded-percentile bootstrap intervals over seeds:\n\n" + final_tables(runs, args)
     with open(out / "final.csv", "w", newline="") as f:
-        keys = sorted({k for r in runs for k in r.metrics})
+        keys = sorted({k for m in finals.values() for k in m})
         writer = csv.DictWriter(f, fieldnames=["method", "seed", *keys])
         writer.writeheader()
-        writer.writerows({"method": r.name, "seed": r.seed, **r.metrics} for r in runs)
+        writer.writerows({"method": n, "seed": s, **m} for (n, s), m in finals.items())
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in SETTINGS}
+    (out / "study.json").write_text(json.dumps({"settings": settings}, indent=1) + "\n")
+    text = (table(rows) + "\n\nFinal evaluation (benchmarks/evaluate.py), paired gains over the pretrained model: "
+            "mean [95% t interval] (95% expanded-percentile bootstrap interval) over seeds; claims tested with Holm's "
+            "correction within each family (benchmarks/stats.py):\n\n" + final_tables(finals, evals, args))
     (out / "table.md").write_text(text + "\n")
     plot(rows, out, args.prompts)
-    plot_claims(runs, out, args)
+    plot_claims(finals, out, args)
     print(text)
     print(f"wrote {out / 'evals.csv'}, {out / 'final.csv'}, {out / 'table.md'} and the figures in {out}")
 
