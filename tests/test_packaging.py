@@ -70,7 +70,9 @@ def isolated(site: Path, cwd: Path, *args, timeout: int = 600) -> subprocess.Com
     env = {**OFFLINE, "PYTHONPATH": ":".join(paths)}
     proc = subprocess.run([sys.executable, "-S", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    what = " ".join(map(str, args))[:100]
+    assert proc.returncode == 0, f"python -S {what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" \
+                                 f"{proc.stderr[-3000:]}"
     return proc
 
 
