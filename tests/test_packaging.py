@@ -3,8 +3,8 @@ the scripts use, and runs them from any working directory with the checkout out 
 
 import json
 import subprocess
+import site
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -63,10 +63,12 @@ def installed(tmp_path_factory) -> Path:
     return tmp / "site"
 
 
-def isolated(site: Path, cwd: Path, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+def isolated(target: Path, cwd: Path, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """Python on the installed copy and the dependencies only: no site initialisation (so no .pth file, which is how
-    an editable install of the checkout is found), PYTHONPATH the installed copy then site-packages, run elsewhere."""
-    paths = [str(site), *dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))]
+    an editable install of the checkout is found), PYTHONPATH the installed copy then this interpreter's
+    site-packages (a venv's, the base's where the venv sees them, the user's), run elsewhere."""
+    deps = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    paths = [str(target), *(d for d in dict.fromkeys(deps) if Path(d).is_dir())]
     env = {**OFFLINE, "PYTHONPATH": ":".join(paths)}
     proc = subprocess.run([sys.executable, "-S", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
