@@ -370,7 +370,7 @@ def claims(finals: dict, args: Args) -> list:
     out = []
     for family, claim, metric, a, b in PAIRS:
         seeds = sorted(s for (n, s) in finals if n == a and (b, s) in finals)
-        if seeds and any(finals[a, s] != finals[b, s] for s in seeds):  # identical runs make no claim either way
+        if seeds:
             out.append((family, claim, metric, a, b, {s: finals[a, s][metric] - finals[b, s][metric] for s in seeds}))
     seeds = sorted(s for (n, s) in finals if n == "score_as_action" and ("ppo_k1", s) in finals)
     for steps in args.robustness_steps if seeds else ():
@@ -402,9 +402,13 @@ def final_tables(finals: dict, evals: dict, args: Args) -> str:
                      f"{both(column('heldout_gain'))} | {both(column('kl'), 2, '')} | {sum(map(diverged, m))}/{n} | "
                      f"{len(hit)}/{len(reach)}{median} |")
     found = claims(finals, args)
-    verdicts = {}
+    # identical runs (PPO K=1 and K=4 on one prompt: every image is of the same prompt) make no claim either way
+    same = lambda a, b, seeds: all(finals[a, s][k] == finals[b, s][k] for s in seeds
+                                   for k in finals[a, s].keys() & finals[b, s].keys())
+    identical = {c for _, c, _, a, b, d in found if same(a, b, d)}
+    verdicts = {c: dict(p_holm=float("nan"), m="-", verdict="n/a: identical runs") for c in identical}
     for family in dict.fromkeys(f for f, *_ in found):
-        verdicts.update(stats.holm({c: list(d.values()) for f, c, *_, d in found if f == family}))
+        verdicts.update(stats.holm({c: list(d.values()) for f, c, *_, d in found if f == family and c not in identical}))
     lines += ["", "| claim (a - b > 0) | family (claims) | metric | seeds | a - b: mean [t 95%] (bootstrap 95%) | "
               f"Holm p | verdict | equivalence (+-{EQUIVALENCE:g}) | diverged a, b | without diverged pairs [t 95%] |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -412,7 +416,8 @@ def final_tables(finals: dict, evals: dict, args: Args) -> str:
         v, seeds = verdicts[claim], sorted(diff)
         values = [diff[s] for s in seeds]
         mean, low, high = stats.t_interval(values)
-        equivalent = stats.equivalence(low, high, EQUIVALENCE) if metric != "kl" and len(seeds) >= MIN_SEEDS else ""
+        equivalent = stats.equivalence(low, high, EQUIVALENCE) if metric != "kl" and len(seeds) >= MIN_SEEDS and \
+            claim not in identical else ""
         kept = [diff[s] for s in seeds if not diverged(finals[a, s]) and not diverged(finals[b, s])]
         count = lambda name: sum(diverged(finals[name, s]) for s in seeds)
         p = f"{v['p_holm']:.3f}" if v["p_holm"] == v["p_holm"] else "n/a"
