@@ -375,7 +375,7 @@ if __name__ == "__main__":
         # REWARDS AND ADVANTAGES
         rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
         reward_fn.check(torch.cat([rewards, common.gather(samples["x0_rewards"]).flatten()]), epoch, run)  # SaA
-        # SaA: the KL is a running reward paid at the step that causes it, rr_k = -beta * kl_k (ALGORITHMS.md section 5).
+        # SaA: the KL is a running reward paid at the step that causes it, rr_k = -beta * kl_k (docs/score_as_action.md, 8).
         # V_phi is fitted first (MSE of the structured value to the reward-to-go r + sum_{j >= k} rr_j), then gives every
         # state's value for A_k = rr_k + V(t_{k+1}, x_{k+1}) - V(t_k, x_k).
         running_rewards = -args.beta * samples["kl"]  # (N, T); zeros when beta = 0

@@ -29,7 +29,7 @@ ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"], "l
 # L <~ 30 sequential layers (forward and backward) sums m <~ 1000 products with a rounding error of about sqrt(m) u,
 # u = 2^-24 ~ 6e-8 the float32 unit roundoff, so the result is within ~L sqrt(m) u ~ 6e-5 of its norm; 1e-4 sits
 # above that and about 100 times above what the suite measures (1e-6). It bounds the norm, not each element: an
-# element near zero may differ by all of itself, which is why equality tests compare norms (issue 25).
+# element near zero may differ by all of itself, which is why equality tests compare norms.
 NETWORK_RTOL = 1e-4
 
 

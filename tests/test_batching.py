@@ -1,4 +1,4 @@
-"""The trained timesteps of a minibatch in fewer UNet calls (issue 20): --timesteps-per-call changes how the training
+"""The trained timesteps of a minibatch in fewer UNet calls: --timesteps-per-call changes how the training
 pass is evaluated, never what it computes.
 
 `common.step_log_prob` on (B, n) transitions is n per-row calls in one; each script's gradient is the same for one

@@ -8,8 +8,8 @@ from helpers import ROOT
 
 # Changed lines (`diff a b | grep -c '^[<>]'`), set from the scripts as written; a later edit that widens a
 # diff must raise its budget here on purpose. The headers and docstrings account for ~20 lines of each.
-# reinforce/ppo +1: the on-policy warning (issue 14) is in the scripts that have a clip range, and reinforce.py has none.
-# ppo/dpok +10 (issue 20): DPOK trains on buffer transitions, one UNet call per micro-batch already, so it has no
+# reinforce/ppo +1: the on-policy warning is in the scripts that have a clip range, and reinforce.py has none.
+# ppo/dpok +10 (--timesteps-per-call): DPOK trains on buffer transitions, one UNet call per micro-batch already, so it has no
 # --timesteps-per-call and no loop over chunks of a trajectory's timesteps.
 BUDGETS = {("reinforce", "ppo"): 111, ("ppo", "loop"): 70, ("ppo", "score_as_action"): 250,
            ("ppo", "dpok"): 350}
@@ -43,7 +43,7 @@ def fields(block: str) -> list:
 
 
 def test_shared_args_blocks_read_the_same():
-    """STYLE.md: the experiment, model-and-sampler and reward-and-prompts blocks are the same in every script:
+    """CONTRIBUTING.md: the experiment, model-and-sampler and reward-and-prompts blocks are the same in every script:
     the same flags with the same types everywhere (a method may change a default, e.g. DPOK's guidance scale
     7.5), and the same text to the letter along the reinforce -> ppo -> loop line."""
     scripts = [s for s in SCRIPTS if present(s)]
@@ -109,7 +109,7 @@ def project_imports() -> dict:
 
 
 def test_project_modules_import_in_one_direction():
-    """No import cycle among the project's modules (issue 22: common imported rewards and world, which imported
+    """No import cycle among the project's modules (once common imported rewards and world, which imported
     common back). The direction: the scripts and the benchmarks on top, rewards and world on common."""
     graph = project_imports()
     assert {"common", "rewards", "world", "loop"} <= set(graph) and graph["common"] == set()

@@ -10,7 +10,7 @@ learning rate here (every LoRA entry moves by about 1e-4) the measured sums are 
 float32 noise of a log-prob (1e-6), and they shrink tenfold with the learning rate (linear: the second-order term
 is negligible). The old log-probs are computed by the same code path with the adapters disabled, which is exactly
 the initial policy, so only the update separates old from new. A script whose advantage had the wrong sign would
-make the sum negative; the closing note of issue 25 lists the sign-flipped mutants each test catches.
+make the sum negative (each test was checked against its script with the advantage's sign flipped).
 
 Where a method adds a term, the term is checked the same way: DPOK's KL and Score as Action's KL running reward pull
 the policy towards the pretrained model, and Score as Action's V_phi moves towards its regression target.
@@ -124,7 +124,7 @@ def log_prob_change(g, initial=None):
 def test_one_update_raises_the_favoured_trajectories(script, model, tmp_path, monkeypatch):
     """Trajectory-level advantages: the favoured (even) images have A > 0, the others A < 0 (leave-one-out with
     K = 2: +-1/2 of the reward gap; PPO: the batch-standardised reward, +-1). On the DDIM path and on the flow path
-    (Flow-GRPO's SDE step, issue 24), where the same script code climbs another log-probability. The flow step's
+    (Flow-GRPO's SDE step), where the same script code climbs another log-probability. The flow step's
     noise is wider than DDIM's, so the same update moves its log-probabilities less: at 1e-4 the sums are 5e-6, near
     the float noise, so the flow run takes a learning rate of 1e-3 (sums of 5e-5, linear in the learning rate)."""
     lr = ["--learning-rate", 1e-3] if model == "tiny-sd3" else []

@@ -297,4 +297,4 @@ def test_lora_rank_0_fails_in_one_line(tmp_path):
 
 
 # Learning: tests/test_learning.py (the pretrained shapes world, calibrated over seeds and thread counts). The toy
-# task's learning test that stood here failed deterministically on another CPU (issue 9).
+# task's learning test that stood here failed deterministically on another CPU.

@@ -1,4 +1,4 @@
-"""Run folders (runs.py), second pass (issue 23), one test per class of defect, each seeded by the issue's repro:
+"""Run folders (runs.py), one test per class of defect, each seeded by its repro:
 one writer per run folder; a resume that keeps the experiment, or branches it with --fork; one line for what a user
 can cause (a prompt the reward cannot score, a damaged training state, Ctrl-C, SIGTERM, a full disk); a study that
 reuses only runs of the same command and stops its children with itself.

@@ -182,7 +182,7 @@ def test_pretraining_learning_rate_warms_up_holds_then_decays_to_a_tenth():
     (["--unet-decay", "1.5"], "--unet-decay"), (["--ema", "1"], "--ema"), (["--unet-lr", "nan"], "--unet-lr"),
     (["--vae-steps", "0"], "--vae-steps"), (["--device", "tpu0"], "--device"),
     (["--resume-vae", "/nonexistent"], "--resume-vae"),
-    (["--resume-vae", "{empty}"], "no complete vae/ folder there"),  # a folder with an empty vae/ (issue 23)
+    (["--resume-vae", "{empty}"], "no complete vae/ folder there"),  # a folder with an empty vae/
     (["--eval-steps", "5000"], "--eval-steps 5000: must be at most 1000"),
     (["--out", str(world.MODEL_DIR)], "already holds files (the committed model); add --overwrite"),
     (["--out", str(world.MODEL_DIR / "model_index.json")], "is a file"),
