@@ -148,13 +148,24 @@ def load_checkpoint(path: Union[str, Path], unet) -> dict:
             result = set_peft_model_state_dict(unet, weights)
             if getattr(result, "unexpected_keys", None):
                 raise KeyError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
+            # the model's own weights are "missing" from a LoRA file; a LoRA tensor that is missing would silently keep
+            # this run's fresh initialisation, and the resume would not be exact
+            missing = [k for k in getattr(result, "missing_keys", ()) if "lora_" in k]
+            if missing or not weights:
+                total = sum(1 for name, _ in unet.named_parameters() if "lora_" in name)
+                raise KeyError(f"{len(missing) if weights else total} of its {total} LoRA tensors are missing, e.g. "
+                               f"{(missing or ['all'])[0]}")
         else:
             unet.load_state_dict(load_file(path / "unet.safetensors"))
+        bad = [name for name, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise ValueError(f"its weights are not finite ({bad[0]}, {len(bad)} tensors in all): damaged")
         state = TrainingState(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
         state.path = str(path)
         return state
     except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign checkpoint is one user error
-        fail(f"cannot resume from {str(path)!r}: not a complete checkpoint of this model ({one_line(e, 100)})")
+        fail(f"cannot resume from {str(path)!r}: not a complete checkpoint of this model ({one_line(e)}); resume "
+             f"from an earlier checkpoint")
 
 
 def checkpoint_folders(run_dir: Union[str, Path]) -> list:
@@ -374,6 +385,7 @@ class Run:
     nonfinite_in_a_row: int = 0
     current: list = dataclasses.field(default_factory=list)  # checkpoints written from the current weights
     off_policy_warned: bool = False
+    resumed_weights: bool = False  # the weights are still the resumed checkpoint's (no optimiser step taken yet)
 
     def check_on_policy(self, ratio_dev, clip: float, epoch: int):
         """Warn once per run, in one line on stderr, when `debug/ratio_dev_at_start` (mean |rho - 1| before the epoch's
@@ -391,7 +403,7 @@ class Run:
     def step_ok(self, grad_norm, scaler, epoch: int) -> bool:
         """True if the optimiser step may be taken; False (skip it) if the gradient is not finite."""
         if torch.isfinite(grad_norm):
-            self.nonfinite_in_a_row, self.current = 0, []  # the step changes the weights
+            self.nonfinite_in_a_row, self.current, self.resumed_weights = 0, [], False  # the step changes the weights
             return True
         self.skipped_steps += 1
         if scaler.is_enabled() and scaler.get_scale() >= 1:
@@ -412,7 +424,9 @@ class Run:
                 target, n = path.with_name(f"{path.name}.diverged{n}"), n + 1
             path.rename(target)
             renamed.append(path.name)
-        note = f"{', '.join(renamed)} held these weights and became *.diverged" if renamed else "no checkpoint holds these weights"
+        note = (f"{', '.join(renamed)} held these weights and became *.diverged" if renamed else
+                f"these are the weights of the resumed checkpoint {str(self.checkpoint)!r}: resume an earlier one"
+                if self.resumed_weights else "no checkpoint holds these weights")
         fail(f"{what}: the model diverged ({common.divergence_hint(self.args)}); {note}")
 
     def save(self, epoch: int, unet, state: dict):
@@ -523,6 +537,6 @@ def start(args, script: str, dist) -> Run:
         elif changed:
             print0(f"--fork: this run branches from {checkpoint} into {run_dir}, changing {', '.join(changed)}",
                    enabled=enabled)
-    run = Run(run_dir, record, args, checkpoint, enabled)
+    run = Run(run_dir, record, args, checkpoint, enabled, resumed_weights=checkpoint is not None)
     common.exit_in_one_line(run.next_step, enabled)  # Ctrl-C or a full disk from here on: one line
     return run

@@ -318,3 +318,44 @@ def test_newest_checkpoint_is_chosen_by_epoch_number(tmp_path, tiny):
     (tmp_path / "checkpoints" / "epoch_10001.tmp").mkdir()  # a save in progress is not a checkpoint
     path, state = runs.find_checkpoint(tmp_path)
     assert path.name == "epoch_10000" and state["epoch"] == 10000
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regression table, third pass: one test per class of failure, each with its repro
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_class_resume_is_exact_or_refused(ppo_run, tmp_path, monkeypatch):
+    """A LoRA file holding half or none of its tensors loaded (only unexpected keys were checked) and the run said it
+    resumed; random bytes in a weight file gave non-finite weights that diverged "with no checkpoint holding them".
+    Each is now refused in one line naming what is wrong, and the checkpoint is left as it was."""
+    from safetensors.torch import save_file
+
+    weights = lora_weights(ppo_run / "checkpoints" / "epoch_0001")
+    names = sorted(weights)
+    nan = {**weights, names[1]: torch.full_like(weights[names[1]], float("nan"))}
+    cases = [({k: weights[k] for k in names[::2]}, f"{len(names) // 2} of its {len(names)} LoRA tensors are missing"),
+             ({}, f"{len(names)} of its {len(names)} LoRA tensors are missing"),
+             (nan, "its weights are not finite")]
+    problems = []
+    for i, (tensors, message) in enumerate(cases):
+        home = tmp_path / f"r{i}"
+        shutil.copytree(ppo_run, home)
+        save_file(tensors, home / "checkpoints" / "epoch_0002" / runs.LORA_FILE)
+        before = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+        line = in_process("ppo", [*QUICK, "--num-epochs", 3, "--resume", home], monkeypatch)
+        if not (line.startswith("error: cannot resume from") and message in line and "\n" not in line):
+            problems.append(f"{message}: {line!r}")
+        if {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()} != before:
+            problems.append(f"{message}: the run folder changed")
+    assert not problems
+
+
+def test_class_a_divergence_from_resumed_weights_names_the_resumed_checkpoint(tmp_path):
+    args = type("Args", (), dict(learning_rate=0.5, guidance=7.0))()
+    run_ = runs.Run(tmp_path, {}, args, checkpoint=tmp_path / "checkpoints" / "epoch_0003", resumed_weights=True)
+    with pytest.raises(SystemExit, match="these are the weights of the resumed checkpoint .*epoch_0003"):
+        run_.diverged("the gradient was not finite")
+    run_.step_ok(torch.tensor(1.0), torch.amp.GradScaler("cpu", enabled=False), 0)  # a step: new weights
+    with pytest.raises(SystemExit, match="no checkpoint holds these weights"):
+        run_.diverged("the gradient was not finite")
