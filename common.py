@@ -62,31 +62,46 @@ def one_line(error: BaseException, limit: int = 160) -> str:
 REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True):
+def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True, folder: Optional[Path] = None):
     """From now on, a Ctrl-C, a SIGTERM or a write the machine refuses ends the process with one line on stderr,
     ending with `next_step()` (what to do now), instead of a traceback. Any other exception keeps its traceback: it is
     a bug. (A sys.excepthook: it runs once the exception has unwound the program, so every `finally` has run. A refused
-    write in a background writer thread is left to the main thread, to which TensorBoard's writer re-raises it.)"""
+    write in a background writer thread is left to the main thread, to which TensorBoard's writer re-raises it.)
+    `folder` is where the process writes (the run folder): a refused write without a file name is on its disk. The
+    hook itself never fails: whatever the exception carries (a bytes or str file name, none), it prints its line."""
     previous = sys.excepthook
 
     def hook(kind, error, traceback):
+        try:
+            line = describe(kind, error)
+        except Exception:  # noqa: BLE001 - a handler that fails would print its own traceback over the original
+            line = None
+        if line is None:
+            return previous(kind, error, traceback)
+        try:
+            step = next_step()
+        except Exception as e:  # noqa: BLE001
+            step = f"(what to do next is unknown: {one_line(e, 60)})"
+        if enabled:
+            print(f"\nerror: {line}; {step}", file=sys.stderr, flush=True)
+        elif not issubclass(kind, KeyboardInterrupt):  # another process of a torchrun job: its own cause, named
+            print(f"\nerror (process {os.environ.get('RANK', '?')}): {line}", file=sys.stderr, flush=True)
+
+    def describe(kind, error) -> Optional[str]:
         if issubclass(kind, KeyboardInterrupt):
-            what = f"interrupted{' by SIGTERM' if str(error) == 'SIGTERM' else ''}"
-        elif issubclass(kind, OSError) and error.errno in REFUSED_WRITES:
-            where = Path(error.filename).parent if error.filename else Path.cwd()
+            return f"interrupted{' by SIGTERM' if str(error) == 'SIGTERM' else ''}"
+        if issubclass(kind, OSError) and error.errno in REFUSED_WRITES:
+            name = getattr(error, "filename", None)
+            where = Path(os.fsdecode(name)).absolute().parent if isinstance(name, (str, bytes, os.PathLike)) else (
+                Path(folder).absolute() if folder is not None else Path.cwd())
             while not where.exists() and where != where.parent:
                 where = where.parent
             try:
-                free = f"; {shutil.disk_usage(where).free / 1e6:.1f} MB free on its disk"
+                free = f"; {shutil.disk_usage(where).free / 1e6:.1f} MB free on the disk of {str(where)!r}"
             except OSError:
                 free = ""
-            what = f"a write failed ({one_line(error)}{free})"
-        else:
-            return previous(kind, error, traceback)
-        if enabled:
-            print(f"\nerror: {what}; {next_step()}", file=sys.stderr, flush=True)
-        elif not issubclass(kind, KeyboardInterrupt):  # another process of a torchrun job: its own cause, named
-            print(f"\nerror (process {os.environ.get('RANK', '?')}): {what}", file=sys.stderr, flush=True)
+            return f"a write failed ({one_line(error)}{free})"
+        return None
 
     def thread_hook(info):  # a writer thread (TensorBoard's) that fails hands its error to the main thread's next write
         if not (issubclass(info.exc_type, OSError) and info.exc_value.errno in REFUSED_WRITES):

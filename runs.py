@@ -538,5 +538,5 @@ def start(args, script: str, dist) -> Run:
             print0(f"--fork: this run branches from {checkpoint} into {run_dir}, changing {', '.join(changed)}",
                    enabled=enabled)
     run = Run(run_dir, record, args, checkpoint, enabled, resumed_weights=checkpoint is not None)
-    common.exit_in_one_line(run.next_step, enabled)  # Ctrl-C or a full disk from here on: one line
+    common.exit_in_one_line(run.next_step, enabled, run_dir)  # Ctrl-C or a full disk from here on: one line
     return run

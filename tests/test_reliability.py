@@ -8,13 +8,16 @@ that fails before the model loads takes ~0.1 s and a run of the tiny model a sec
 command line to check the exit status and that stderr holds no traceback."""
 
 import dataclasses
+import errno
 import importlib
 import math
+import os
 import shutil
+import sys
 
 import pytest
 import torch
-from helpers import error_line, in_process, lora_weights, run, training_state
+from helpers import as_a_process, error_line, in_process, lora_weights, run, training_state
 
 import common
 import rewards
@@ -359,3 +362,26 @@ def test_class_a_divergence_from_resumed_weights_names_the_resumed_checkpoint(tm
     run_.step_ok(torch.tensor(1.0), torch.amp.GradScaler("cpu", enabled=False), 0)  # a step: new weights
     with pytest.raises(SystemExit, match="no checkpoint holds these weights"):
         run_.diverged("the gradient was not finite")
+
+
+def test_class_the_one_line_handler_never_crashes_and_names_the_full_disk(tmp_path, capsys):
+    """TensorBoard raised ENOSPC with a bytes file name: the hook called Path() on it and crashed ("Error in
+    sys.excepthook" and the traceback). A refused write without a file name reported the free space of the working
+    folder's disk, not the run folder's. Now: one line each, naming the disk measured; a next step that fails does not
+    lose the line either."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with as_a_process():
+        sys.excepthook = lambda kind, error, tb: pytest.fail(f"reached the previous hook: {kind}")
+        common.exit_in_one_line(lambda: "what to do", folder=run_dir)
+        for error in (OSError(errno.ENOSPC, "No space left on device", os.fsencode(run_dir / "events")),
+                      OSError(errno.ENOSPC, "No space left on device")):
+            sys.excepthook(type(error), error, None)
+        common.exit_in_one_line(lambda: 1 / 0, folder=run_dir)
+        sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 3, lines
+    for line in lines[:2]:
+        assert line.startswith("error: a write failed (OSError: [Errno 28] No space left on device") and (
+            f"MB free on the disk of {str(run_dir)!r}); what to do" in line), line
+    assert lines[2].startswith("error: interrupted; (what to do next is unknown: ZeroDivisionError")
