@@ -13,11 +13,12 @@ import importlib
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import as_a_process, error_line, in_process, lora_weights, run, training_state
+from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, in_process, lora_weights, run, training_state
 
 import common
 import rewards
@@ -385,3 +386,50 @@ def test_class_the_one_line_handler_never_crashes_and_names_the_full_disk(tmp_pa
         assert line.startswith("error: a write failed (OSError: [Errno 28] No space left on device") and (
             f"MB free on the disk of {str(run_dir)!r}); what to do" in line), line
     assert lines[2].startswith("error: interrupted; (what to do next is unknown: ZeroDivisionError")
+
+
+STOPPED_PEER = """import sys, time
+sys.path.insert(0, sys.argv[1])
+import common
+d = common.setup_distributed("cpu")
+common.exit_in_one_line(lambda: "what to do")
+if d.rank == 1:
+    time.sleep(90)  # a process that stopped (SIGSTOP, a stuck reward server, a wedged GPU)
+common.broadcast_flag(True, d.device)
+"""
+
+
+def test_class_every_wait_is_bounded_a_stopped_torchrun_process(tmp_path):
+    """A torchrun process that stopped left the others blocked in a collective for gloo's 30 minutes, then a
+    traceback. Now the process group has a timeout (DIFFUSION_RL_TIMEOUT, here 3 s): the waiting process ends with one
+    line that names the timeout and how to change it, long before the stopped one would have woken."""
+    (tmp_path / "stop.py").write_text(STOPPED_PEER)
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "stop.py"), str(ROOT)], cwd=ROOT, env={**OFFLINE, "DIFFUSION_RL_TIMEOUT": "3"},
+                          capture_output=True, text=True, timeout=80)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("error: process 0:")), proc.stderr[-2000:])
+    assert "another process of this torchrun job failed or stopped answering" in line, line
+    assert "waits 3 s for the others (set DIFFUSION_RL_TIMEOUT to change it); what to do" in line, line
+    assert "unbound_buffer" not in proc.stderr  # no gloo traceback from the process that waited
+
+
+def test_class_every_wait_is_bounded_prompt_pipes(tmp_path, monkeypatch):
+    """`--prompt-file <(printf ...)` said "holds no prompts" (the pipe was read once per use, and only the first read
+    sees its text); a FIFO no program writes blocked forever at open. Now a pipe is read once and kept, and a FIFO
+    that gives no end of file within PIPE_TIMEOUT is refused in one line."""
+    read, write = os.pipe()
+    os.write(write, b"a red image\n\na blue image\n")
+    os.close(write)
+    path = f"/dev/fd/{read}"  # what bash's process substitution passes
+    try:
+        assert common.load_prompts("colors", path) == ["a red image", "a blue image"]
+        assert common.load_eval_prompts("colors", path) == ["a red image", "a blue image"] * 16
+        assert common.load_prompts("colors", path) == ["a red image", "a blue image"]
+    finally:
+        os.close(read)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(common, "PIPE_TIMEOUT", 0.5)
+    with pytest.raises(SystemExit, match=r"^error: prompt file .*fifo' is a pipe that gave no end of file within 0.5 s"):
+        common.load_prompts("colors", str(fifo))
