@@ -405,7 +405,8 @@ def test_class_every_wait_is_bounded_a_stopped_torchrun_process(tmp_path):
     line that names the timeout and how to change it, long before the stopped one would have woken."""
     (tmp_path / "stop.py").write_text(STOPPED_PEER)
     proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "stop.py"), str(ROOT)], cwd=ROOT, env={**OFFLINE, "DIFFUSION_RL_TIMEOUT": "3"},
+                           str(tmp_path / "stop.py"), str(ROOT)], cwd=ROOT,
+                          env={**OFFLINE, "DIFFUSION_RL_TIMEOUT": "3"},
                           capture_output=True, text=True, timeout=80)
     assert proc.returncode != 0, proc.stderr[-2000:]
     line = next((x for x in proc.stderr.splitlines() if x.startswith("error: process 0:")), proc.stderr[-2000:])
@@ -431,5 +432,5 @@ def test_class_every_wait_is_bounded_prompt_pipes(tmp_path, monkeypatch):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     monkeypatch.setattr(common, "PIPE_TIMEOUT", 0.5)
-    with pytest.raises(SystemExit, match=r"^error: prompt file .*fifo' is a pipe that gave no end of file within 0.5 s"):
+    with pytest.raises(SystemExit, match=r"^error: prompt file .*fifo' is a pipe that gave no end of file within 0.5"):
         common.load_prompts("colors", str(fifo))
