@@ -106,6 +106,11 @@ def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True, folder:
             except OSError:
                 free = ""
             return f"a write failed ({one_line(error)}{free})"
+        name = getattr(error, "filename", None)
+        if issubclass(kind, FileNotFoundError) and folder is not None and isinstance(name, (str, bytes, os.PathLike)) \
+                and Path(folder).absolute() in Path(os.fsdecode(name)).absolute().parents:
+            return (f"the run folder {str(folder)!r} was removed or moved while the run wrote to it "
+                    f"({one_line(error, 100)})")
         if issubclass(kind, RuntimeError) and dist.is_available() and dist.is_initialized() and any(
                 sign in str(error) for sign in PEER_FAILURES):
             said = " ".join(str(error).split("] ", 1)[-1].split())[:100]  # gloo's message, without its source file
@@ -201,8 +206,10 @@ def fill_family_defaults(args, sd_defaults: dict):
 def validate_args(args, sd_defaults: Optional[dict] = None):
     """Stop in one line on a flag value that would crash later or silently change the algorithm (ranges, NaN,
     divisibility of the shared sizes). Called by every script right after parsing, before anything is loaded
-    or written; checks the flags by name, so a script gets exactly the checks of the flags it has. First the
+    or written; checks the flags by name, so a script gets exactly the checks of the flags it has. From here on a
+    Ctrl-C ends the process in one line (exit_in_one_line; runs.start names the run folder later). First the
     sampling flags left unset (None) take the model family's defaults: `sd_defaults` (the script's) or FLOW_DEFAULTS."""
+    exit_in_one_line(lambda: "nothing was written; run it again")  # from here on: Ctrl-C is one line
     fill_family_defaults(args, sd_defaults or {})
     for name, (requirement, ok) in FLAG_RULES.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
@@ -241,8 +248,8 @@ def clip_tokenizer():
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        Path(tmp, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         return CLIPTokenizer(Path(tmp, "vocab.json").as_posix(), Path(tmp, "merges.txt").as_posix(), pad_token="<|endoftext|>", model_max_length=77)
 
 
@@ -1079,6 +1086,8 @@ def setup_distributed(device: Optional[str] = None) -> Dist:
         dev = torch.device(f"cuda:{local}" if cuda else "cpu") if device in (None, "cuda") else torch.device(device)
     except RuntimeError:
         fail(f"--device {device!r} is not a device torch knows; use cuda, cuda:N or cpu")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"--device {device}: the scripts run on cuda, cuda:N or cpu, not on {dev.type} devices")
     if cuda and not torch.cuda.is_available():
         fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or leave --device out)")
     if cuda and (dev.index or 0) >= torch.cuda.device_count():

@@ -316,9 +316,15 @@ def lock(run_dir: Path):
     run_dir = run_dir.resolve()  # a symlink to the folder locks the folder itself
     path = run_dir.parent / f".{run_dir.name}.lock"
     created = [p for p in (run_dir.parent, *run_dir.parent.parents) if not p.exists()]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # its folder is read-only, or not ours
+            _remove_empty(created)
+            fail(f"cannot lock the run folder {str(run_dir)!r}: the lock file {path.name!r} cannot be created beside it "
+                 f"({one_line(e, 80)}); the folder that holds the run folder must be writable: choose another "
+                 f"--output-dir, or copy the run elsewhere and resume it there")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -434,7 +440,8 @@ class Run:
         path = self.dir / "checkpoints" / f"epoch_{epoch:04d}"
         if self.nonfinite_in_a_row:
             self.diverged(f"not saving {path.name}: the weights gave a non-finite gradient at the last optimiser step")
-        save_checkpoint(path, unet, {**state, "record": {**self.record, "keys": sorted(state)}})
+        types = {key: type(value).__name__ for key, value in state.items()}
+        save_checkpoint(path, unet, {**state, "record": {**self.record, "keys": sorted(state), "types": types}})
         self.current.append(path)
 
     def next_step(self) -> str:
@@ -490,6 +497,12 @@ def start(args, script: str, dist) -> Run:
         if lacking:
             fail(f"{where}: its training state lacks {', '.join(map(repr, lacking))} (damaged); resume from an "
                  f"earlier checkpoint")
+        expected = {**theirs.get("types", {}), "epoch": "int", "global_step": "int"}  # older records lack "types"
+        wrong = [f"{key!r} is of type {type(state[key]).__name__}, not {kind}" for key, kind in expected.items()
+                 if key in state and type(state[key]).__name__ != kind]
+        if wrong or state["epoch"] < 0:
+            fail(f"{where}: its training state is damaged ({'; '.join(wrong) or 'a negative epoch'}); resume from an "
+                 f"earlier checkpoint")
         if state["epoch"] >= args.num_epochs:
             fail(f"{where}: it is at epoch {state['epoch']} and --num-epochs is {args.num_epochs}, so there is nothing "
                  f"to train; raise --num-epochs")
@@ -509,6 +522,13 @@ def start(args, script: str, dist) -> Run:
     if continuing and later:
         fail(f"--run-name {args.run_name}: resuming from {checkpoint.name} in its own run folder would overwrite its later "
              f"checkpoints ({', '.join(later)}); leave out --run-name to branch into a new run folder")
+    if len(f".{run_dir.name}.lock".encode()) > 255:  # the lock file's name; most file systems allow 255 bytes
+        fail(f"the run folder's name {run_dir.name[:40]!r}... is {len(run_dir.name.encode())} bytes, and its lock file's "
+             f"name may have at most 255 (each --fork adds about 30); choose a shorter --run-name")
+    try:
+        run_dir.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13, OSError ELOOP after)
+        fail(f"cannot use the run folder {str(run_dir)!r} ({one_line(e, 100)}); choose another --output-dir")
     if enabled:  # the folder is created only once the run can start; check now that it can be, and hold it
         parent = run_dir
         while not parent.exists():

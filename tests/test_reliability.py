@@ -434,3 +434,70 @@ def test_class_every_wait_is_bounded_prompt_pipes(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "PIPE_TIMEOUT", 0.5)
     with pytest.raises(SystemExit, match=r"^error: prompt file .*fifo' is a pipe that gave no end of file within 0.5"):
         common.load_prompts("colors", str(fifo))
+
+
+def test_class_bad_places_devices_and_states_fail_in_one_line_before_the_model_loads(ppo_run, tmp_path, monkeypatch):
+    """Each was a traceback before the one-line handler had a say: a --run-name whose lock file's name passes 255
+    bytes, an --output-dir inside a symlink loop, a run folder whose parent is read-only (the lock cannot be made;
+    simulated, as the suite may run as root), --device xla or meta (meta also left a run folder with only an events
+    file), a training state whose fields have the wrong type."""
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    wrong = tmp_path / "wrong"
+    shutil.copytree(ppo_run, wrong)
+    state = training_state(wrong / "checkpoints" / "epoch_0002")
+    torch.save({**state, "epoch": "2"}, wrong / "checkpoints" / "epoch_0002" / runs.STATE_FILE)
+    untyped = tmp_path / "untyped"
+    shutil.copytree(ppo_run, untyped)
+    torch.save({**state, "reward_curve": {"0": 1.0}}, untyped / "checkpoints" / "epoch_0002" / runs.STATE_FILE)
+    out = tmp_path / "runs"
+    rows = [(["--output-dir", out, "--run-name", "x" * 250], "choose a shorter --run-name"),
+            (["--output-dir", tmp_path / "loop_a" / "below"], "choose another --output-dir"),
+            (["--output-dir", out, "--device", "xla"], "--device xla: the scripts run on cuda, cuda:N or cpu"),
+            (["--output-dir", out, "--device", "meta"], "--device meta: the scripts run on cuda, cuda:N or cpu"),
+            (["--num-epochs", 3, "--resume", wrong], "'epoch' is of type str, not int"),
+            (["--num-epochs", 3, "--resume", untyped], "'reward_curve' is of type dict, not list")]
+    problems = [f"{argv}: {line!r}" for argv, message in rows
+                if not ((line := in_process("ppo", [*QUICK, *argv], monkeypatch)).startswith("error: ")
+                        and message in line and "\n" not in line)]
+    real_open = os.open
+
+    def read_only_parent(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs.os, "open", read_only_parent)
+    line = in_process("ppo", [*QUICK, "--num-epochs", 3, "--resume", ppo_run, "--output-dir", out, "--run-name", "r"],
+                      monkeypatch)
+    if not (line.startswith("error: cannot lock the run folder") and "must be writable" in line and "\n" not in line):
+        problems.append(f"read-only parent: {line!r}")
+    assert not problems
+    assert not out.exists() and sorted(p.name for p in (ppo_run / "checkpoints").iterdir()) == [
+        "epoch_0001", "epoch_0002"]
+
+
+REMOVED = """
+import runpy, shutil, sys
+import runs
+save = runs.Run.save
+def save_then_remove(self, epoch, unet, state):
+    save(self, epoch, unet, state)
+    shutil.rmtree(self.dir)  # the user removes the run folder while the run goes on
+runs.Run.save = save_then_remove
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_class_a_run_in_a_non_utf8_locale_whose_folder_is_removed_mid_run_ends_in_one_line(tmp_path):
+    """Under LC_ALL=C PYTHONUTF8=0 every offline model failed (the tokenizer's vocabulary was written in the locale's
+    encoding, ASCII); a run folder removed while the run wrote to it ended in a FileNotFoundError traceback. Now the
+    run starts, and the removal ends it in one line that names the folder."""
+    env = {**OFFLINE, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+    argv = [*QUICK, "--num-epochs", 2, "--save-every", 1, "--output-dir", tmp_path, "--run-name", "gone"]
+    proc = subprocess.run([PYTHON, "-c", REMOVED, str(ROOT / "ppo.py"), *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert error_line(proc).startswith(f"error: the run folder {str(tmp_path / 'gone')!r} was removed or moved while "
+                                       f"the run wrote to it (FileNotFoundError"), error_line(proc)
