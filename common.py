@@ -211,14 +211,20 @@ def validate_args(args, sd_defaults: Optional[dict] = None):
     sampling flags left unset (None) take the model family's defaults: `sd_defaults` (the script's) or FLOW_DEFAULTS."""
     exit_in_one_line(lambda: "nothing was written; run it again")  # from here on: Ctrl-C is one line
     fill_family_defaults(args, sd_defaults or {})
-    for name, (requirement, ok) in FLAG_RULES.items():
-        if hasattr(args, name) and not ok(getattr(args, name)):
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
+    check_flags(args)
     if hasattr(args, "timestep_fraction") and int(args.num_steps * args.timestep_fraction) < 1:
         fail(f"--timestep-fraction {args.timestep_fraction} of --num-steps {args.num_steps} trains "
              f"int({args.num_steps * args.timestep_fraction:g}) = 0 timesteps per trajectory; use at least {1 / args.num_steps:g}")
     if args.sample_batch_size % args.k:
         fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
+
+
+def check_flags(args, rules: Optional[dict] = None):
+    """FLAG_RULES (and a tool's own `rules`, in the same form) for every flag `args` has, by name: the benchmarks and
+    the world tools check the flags they share with the scripts exactly as the scripts do."""
+    for name, (requirement, ok) in {**FLAG_RULES, **(rules or {})}.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
 
 
 def divergence_hint(args) -> str:

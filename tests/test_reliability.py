@@ -12,6 +12,7 @@ import errno
 import importlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -501,3 +502,52 @@ def test_class_a_run_in_a_non_utf8_locale_whose_folder_is_removed_mid_run_ends_i
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert error_line(proc).startswith(f"error: the run folder {str(tmp_path / 'gone')!r} was removed or moved while "
                                        f"the run wrote to it (FileNotFoundError"), error_line(proc)
+
+
+def test_class_benchmarks_and_world_tools_check_their_arguments_as_the_scripts_do(ppo_run, tmp_path, monkeypatch):
+    """benchmarks/ and world/ accepted what the scripts refuse (--eta 2, --guidance nan, --lora-rank -1,
+    --timesteps-per-call 0, --matmul-size 0), scored a tiny model's checkpoint as a shapes model, failed only after the
+    work on an --out in a missing folder, and gave tracebacks for --jobs 0, no seeds, --extra=--guidance 3,
+    --methods bogus, --device xla; world.pretrain wrote inside the committed model folder without --overwrite. Each is
+    now one line before anything loads; world.reward and world.judge check their inputs."""
+    import world
+
+    rows = [
+        ("benchmarks/evaluate", [ppo_run, "--eta", 2], "--eta 2.0: must be in (0, 1]"),
+        ("benchmarks/evaluate", [ppo_run, "--guidance", "nan"], "--guidance nan: must be a finite number"),
+        ("benchmarks/evaluate", [ppo_run, "--out", tmp_path / "missing" / "e.json"], "its folder does not exist"),
+        ("benchmarks/evaluate", [ppo_run], "is a checkpoint of --model tiny; this evaluates shapes-world checkpoints"),
+        ("benchmarks/train_step", ["--model", "tiny", "--timesteps-per-call", 0], "--timesteps-per-call 0: must be"),
+        ("benchmarks/train_step", ["--model", "tiny", "--lora-rank", -1], "--lora-rank -1: must be"),
+        ("benchmarks/train_step", ["--model", "tiny", "--matmul-size", 0], "--matmul-size 0: must be"),
+        ("benchmarks/train_step", ["--model", "tiny", "--eta", 0], "--eta 0.0: must be in (0, 1]"),
+        ("benchmarks/train_step", ["--model", "tiny", "--device", "xla"], "--device xla: the scripts run on"),
+        ("benchmarks/demo_seeds", ["--jobs", 0], "give at least one seed and --jobs >= 1"),
+        ("benchmarks/demo_seeds", ["--seeds"], "give at least one seed and --jobs >= 1"),
+        ("benchmarks/demo_seeds", ["--extra=--guidance 3"], "--guidance is fixed here"),
+        ("benchmarks/demo_seeds", ["--extra=--learning-rate"], "give pairs of a flag and its value"),
+        ("benchmarks/throughput", ["--methods", "bogus"], "bogus is neither a setting"),
+        ("world/pretrain", ["--out", common.SHAPES_DIR / "inner"], "is inside the committed model folder"),
+        ("world/pretrain", ["--out", tmp_path / "m", "--device", "xla"], "--device 'xla': this trains on cpu"),
+        ("world/pretrain_flow", ["--out", common.SHAPES_FLOW_DIR / "inner"], "is inside the committed model folder"),
+    ]
+    problems = []
+    for tool, argv, message in rows:
+        line = in_process(tool, argv, monkeypatch)
+        if message not in line or "\n" in line.strip():
+            problems.append(f"{tool} {argv}: {line!r}")
+    assert not problems
+    assert not (common.SHAPES_DIR / "inner").exists() and not (common.SHAPES_FLOW_DIR / "inner").exists()
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+    images, prompts = torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]
+    assert world.reward(images, prompts).isfinite().all()
+    nan = images.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    assert world.reward(nan, prompts)[0].isfinite() and world.reward(nan, prompts)[1].isnan()  # not 0.0
+    for bad, words, fn in [((images, prompts[:1]), "2 images and 1 prompts", world.reward),
+                           ((images * 255, prompts), "must be in [0, 1]", world.reward),
+                           ((images[0], prompts[:1]), "(B, 3, H, W)", world.judge),
+                           ((nan, prompts), "not finite", world.judge)]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            fn(*bad)
