@@ -551,3 +551,43 @@ def test_class_benchmarks_and_world_tools_check_their_arguments_as_the_scripts_d
                            ((nan, prompts), "not finite", world.judge)]:
         with pytest.raises(ValueError, match=re.escape(words)):
             fn(*bad)
+
+
+# Every benchmark and world tool that computes, with its smallest flags and its DEFAULT output location. A tool that
+# writes nothing (train_step) is here too: a default that later writes must write under runs/. Still to add:
+# benchmarks/study.py (its default --out moves to runs/study on main), and demo_seeds.py / evaluate.py /
+# prompt_pairs.py / throughput.py, whose smallest runs need a trained shapes checkpoint or take minutes on 2 cores
+# (demo_seeds' default --out is runs/demo_seeds; evaluate prints unless given --out; the other two write nothing).
+DEFAULT_OUTPUTS = [
+    ["benchmarks/train_step.py", "--model", "tiny", "--batch", "2", "--device", "cpu", "--warmup", "0", "--num-steps",
+     "2", "--ratio-precisions", "no"],
+    ["-m", "world.pretrain", "--threads", "1", "--vae-steps", "2", "--decoder-steps", "1", "--vae-batch", "4",
+     "--unet-steps", "2", "--unet-batch", "4", "--num-latents", "16", "--eval-images", "2", "--eval-steps", "2"],
+    ["-m", "world.pretrain_flow", "--threads", "1", "--steps", "2", "--batch", "4", "--num-latents", "16",
+     "--eval-images", "2", "--eval-steps", "2", "--layers", "2"],
+]
+
+
+def test_class_no_default_command_writes_into_the_repository(tmp_path):
+    """A default command rewrote committed results (study.py's default --out was its committed folder). In a copy of
+    this checkout committed as a fresh repository, each tool's default run leaves `git status` clean: what it writes
+    goes under runs/, which git ignores."""
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    git = dict(cwd=clone, capture_output=True, text=True, check=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    subprocess.run(["git", "add", "-A"], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], **git)
+    problems = []
+    for argv in DEFAULT_OUTPUTS:
+        proc = subprocess.run([PYTHON, *argv], cwd=clone, env=OFFLINE, capture_output=True, text=True, timeout=600)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], **git).stdout
+        if proc.returncode != 0 or status:
+            problems.append(f"{' '.join(argv[:2])}: exit {proc.returncode}, git status {status!r}, "
+                            f"{proc.stderr[-500:]!r}")
+    assert not problems
