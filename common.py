@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -62,31 +63,61 @@ def one_line(error: BaseException, limit: int = 160) -> str:
 REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True):
+# What a collective raises when another process of the job died or stopped answering (gloo; NCCL's watchdog aborts).
+PEER_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True, folder: Optional[Path] = None):
     """From now on, a Ctrl-C, a SIGTERM or a write the machine refuses ends the process with one line on stderr,
     ending with `next_step()` (what to do now), instead of a traceback. Any other exception keeps its traceback: it is
     a bug. (A sys.excepthook: it runs once the exception has unwound the program, so every `finally` has run. A refused
-    write in a background writer thread is left to the main thread, to which TensorBoard's writer re-raises it.)"""
+    write in a background writer thread is left to the main thread, to which TensorBoard's writer re-raises it.)
+    `folder` is where the process writes (the run folder): a refused write without a file name is on its disk. The
+    hook itself never fails: whatever the exception carries (a bytes or str file name, none), it prints its line."""
     previous = sys.excepthook
 
     def hook(kind, error, traceback):
+        try:
+            line = describe(kind, error)
+        except Exception:  # noqa: BLE001 - a handler that fails would print its own traceback over the original
+            line = None
+        if line is None:
+            return previous(kind, error, traceback)
+        try:
+            step = next_step()
+        except Exception as e:  # noqa: BLE001
+            step = f"(what to do next is unknown: {one_line(e, 60)})"
+        if enabled or issubclass(kind, RuntimeError):  # a failed peer: every process says so, and what to do
+            print(f"\nerror: {line}; {step}", file=sys.stderr, flush=True)
+        elif not issubclass(kind, KeyboardInterrupt):  # another process of a torchrun job: its own cause, named
+            print(f"\nerror (process {os.environ.get('RANK', '?')}): {line}", file=sys.stderr, flush=True)
+
+    def describe(kind, error) -> Optional[str]:
         if issubclass(kind, KeyboardInterrupt):
-            what = f"interrupted{' by SIGTERM' if str(error) == 'SIGTERM' else ''}"
-        elif issubclass(kind, OSError) and error.errno in REFUSED_WRITES:
-            where = Path(error.filename).parent if error.filename else Path.cwd()
+            return f"interrupted{' by SIGTERM' if str(error) == 'SIGTERM' else ''}"
+        if issubclass(kind, OSError) and error.errno in REFUSED_WRITES:
+            name = getattr(error, "filename", None)
+            where = Path(os.fsdecode(name)).absolute().parent if isinstance(name, (str, bytes, os.PathLike)) else (
+                Path(folder).absolute() if folder is not None else Path.cwd())
             while not where.exists() and where != where.parent:
                 where = where.parent
             try:
-                free = f"; {shutil.disk_usage(where).free / 1e6:.1f} MB free on its disk"
+                free = f"; {shutil.disk_usage(where).free / 1e6:.1f} MB free on the disk of {str(where)!r}"
             except OSError:
                 free = ""
-            what = f"a write failed ({one_line(error)}{free})"
-        else:
-            return previous(kind, error, traceback)
-        if enabled:
-            print(f"\nerror: {what}; {next_step()}", file=sys.stderr, flush=True)
-        elif not issubclass(kind, KeyboardInterrupt):  # another process of a torchrun job: its own cause, named
-            print(f"\nerror (process {os.environ.get('RANK', '?')}): {what}", file=sys.stderr, flush=True)
+            return f"a write failed ({one_line(error)}{free})"
+        name = getattr(error, "filename", None)
+        if issubclass(kind, FileNotFoundError) and folder is not None and isinstance(name, (str, bytes, os.PathLike)) \
+                and Path(folder).absolute() in Path(os.fsdecode(name)).absolute().parents:
+            return (f"the run folder {str(folder)!r} was removed or moved while the run wrote to it "
+                    f"({one_line(error, 100)})")
+        if issubclass(kind, RuntimeError) and dist.is_available() and dist.is_initialized() and any(
+                sign in str(error) for sign in PEER_FAILURES):
+            said = " ".join(str(error).split("] ", 1)[-1].split())[:100]  # gloo's message, without its source file
+            return (f"process {os.environ.get('RANK', '?')}: another process of this torchrun job failed or stopped "
+                    f"answering (RuntimeError: {said}); a process waits {collective_timeout():g} s for the others "
+                    f"(set {TIMEOUT_VARIABLE} to change it)")
+        return None
 
     def thread_hook(info):  # a writer thread (TensorBoard's) that fails hands its error to the main thread's next write
         if not (issubclass(info.exc_type, OSError) and info.exc_value.errno in REFUSED_WRITES):
@@ -175,17 +206,25 @@ def fill_family_defaults(args, sd_defaults: dict):
 def validate_args(args, sd_defaults: Optional[dict] = None):
     """Stop in one line on a flag value that would crash later or silently change the algorithm (ranges, NaN,
     divisibility of the shared sizes). Called by every script right after parsing, before anything is loaded
-    or written; checks the flags by name, so a script gets exactly the checks of the flags it has. First the
+    or written; checks the flags by name, so a script gets exactly the checks of the flags it has. From here on a
+    Ctrl-C ends the process in one line (exit_in_one_line; runs.start names the run folder later). First the
     sampling flags left unset (None) take the model family's defaults: `sd_defaults` (the script's) or FLOW_DEFAULTS."""
+    exit_in_one_line(lambda: "nothing was written; run it again")  # from here on: Ctrl-C is one line
     fill_family_defaults(args, sd_defaults or {})
-    for name, (requirement, ok) in FLAG_RULES.items():
-        if hasattr(args, name) and not ok(getattr(args, name)):
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
+    check_flags(args)
     if hasattr(args, "timestep_fraction") and int(args.num_steps * args.timestep_fraction) < 1:
         fail(f"--timestep-fraction {args.timestep_fraction} of --num-steps {args.num_steps} trains "
              f"int({args.num_steps * args.timestep_fraction:g}) = 0 timesteps per trajectory; use at least {1 / args.num_steps:g}")
     if args.sample_batch_size % args.k:
         fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
+
+
+def check_flags(args, rules: Optional[dict] = None):
+    """FLAG_RULES (and a tool's own `rules`, in the same form) for every flag `args` has, by name: the benchmarks and
+    the world tools check the flags they share with the scripts exactly as the scripts do."""
+    for name, (requirement, ok) in {**FLAG_RULES, **(rules or {})}.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
 
 
 def divergence_hint(args) -> str:
@@ -215,8 +254,8 @@ def clip_tokenizer():
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        Path(tmp, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         return CLIPTokenizer(Path(tmp, "vocab.json").as_posix(), Path(tmp, "merges.txt").as_posix(), pad_token="<|endoftext|>", model_max_length=77)
 
 
@@ -949,13 +988,56 @@ def load_eval_prompts(name: str, prompt_file: Optional[str] = None) -> list:
     return (prompts * EVAL_IMAGES)[:EVAL_IMAGES]
 
 
+PIPE_TIMEOUT = 10.0  # seconds a prompt file that is a pipe may take to deliver its text
+_PIPES = {}  # a pipe's path -> its bytes: a pipe can be read only once, and a run reads its prompts several times
+
+
+def _prompt_file_bytes(path: str) -> bytes:
+    """The bytes of a prompt file. A regular file is read as it is; a pipe (`--prompt-file <(...)`, a FIFO) is read
+    once, to its end, for at most PIPE_TIMEOUT seconds (a FIFO that no program writes would block forever), and
+    kept for the process's life."""
+    import select
+    import stat
+
+    if stat.S_ISREG(os.stat(path).st_mode):
+        return Path(path).read_bytes()
+    if path in _PIPES:
+        return _PIPES[path]
+    if not stat.S_ISFIFO(os.stat(path).st_mode):
+        raise IsADirectoryError(errno.EISDIR, "not a regular file or a pipe", path) if Path(path).is_dir() else \
+            OSError(errno.EINVAL, "not a regular file or a pipe", path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO without a writer would block at open
+    chunks, deadline = [], time.monotonic() + PIPE_TIMEOUT
+    try:
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                fail(f"prompt file {path!r} is a pipe that gave no end of file within {PIPE_TIMEOUT:g} s (no program "
+                     f"writes it?); give a regular file, or a pipe whose writer finishes")
+            if not poll.poll(left * 1000):
+                continue
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    _PIPES[path] = b"".join(chunks)
+    return _PIPES[path]
+
+
 def load_prompts(name: str, prompt_file: Optional[str] = None) -> list:
     """A built-in prompt set, or one prompt per non-empty line of `prompt_file` (which wins)."""
     if prompt_file is None and name not in prompt_sets():
         fail(f"unknown prompt set {name!r}; choose one of {', '.join(prompt_sets())} or pass --prompt-file")
     path = prompt_file if prompt_file is not None else PROMPTS_DIR / f"{name}.txt"
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = _prompt_file_bytes(str(path)).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read prompt file {str(path)!r} ({type(e).__name__}); give a UTF-8 text file, one prompt per line")
     prompts = [line.strip() for line in lines if line.strip()]
@@ -980,8 +1062,29 @@ class Dist:
         return self.rank == 0
 
 
+# How long a process waits in a collective for the others (a stopped or wedged process, a stuck reward server) before
+# the whole torchrun job ends, every process with one line: DIFFUSION_RL_TIMEOUT seconds in the environment, 600 by
+# default (torch's own are 30 minutes on gloo and 10 on NCCL, and end the job with a traceback). An epoch's longest
+# wait is the main process's evaluation, image grids and checkpoint: well under a minute for SD 1.5 on a GPU.
+TIMEOUT_VARIABLE = "DIFFUSION_RL_TIMEOUT"
+
+
+def collective_timeout() -> float:
+    value = os.environ.get(TIMEOUT_VARIABLE, "600")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        fail(f"{TIMEOUT_VARIABLE}={value}: must be a finite number of seconds > 0")
+    return seconds
+
+
 def setup_distributed(device: Optional[str] = None) -> Dist:
-    """One process per device under `torchrun` (NCCL on GPU, gloo on CPU); a plain run is world size 1."""
+    """One process per device under `torchrun` (NCCL on GPU, gloo on CPU); a plain run is world size 1. A process
+    that waits longer than `collective_timeout()` for the others ends the job (see TIMEOUT_VARIABLE)."""
+    import datetime
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -989,6 +1092,8 @@ def setup_distributed(device: Optional[str] = None) -> Dist:
         dev = torch.device(f"cuda:{local}" if cuda else "cpu") if device in (None, "cuda") else torch.device(device)
     except RuntimeError:
         fail(f"--device {device!r} is not a device torch knows; use cuda, cuda:N or cpu")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"--device {device}: the scripts run on cuda, cuda:N or cpu, not on {dev.type} devices")
     if cuda and not torch.cuda.is_available():
         fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or leave --device out)")
     if cuda and (dev.index or 0) >= torch.cuda.device_count():
@@ -996,7 +1101,8 @@ def setup_distributed(device: Optional[str] = None) -> Dist:
     if cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None,
+                                timeout=datetime.timedelta(seconds=collective_timeout()))
         # torn down explicitly: left to the interpreter's exit, gloo's threads sometimes abort a finished process
         # ("terminate called without an active exception", about 1 run in 4 of a 2-process CPU run here)
         atexit.register(dist.destroy_process_group)

@@ -148,13 +148,24 @@ def load_checkpoint(path: Union[str, Path], unet) -> dict:
             result = set_peft_model_state_dict(unet, weights)
             if getattr(result, "unexpected_keys", None):
                 raise KeyError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
+            # the model's own weights are "missing" from a LoRA file; a LoRA tensor that is missing would silently keep
+            # this run's fresh initialisation, and the resume would not be exact
+            missing = [k for k in getattr(result, "missing_keys", ()) if "lora_" in k]
+            if missing or not weights:
+                total = sum(1 for name, _ in unet.named_parameters() if "lora_" in name)
+                raise KeyError(f"{len(missing) if weights else total} of its {total} LoRA tensors are missing, e.g. "
+                               f"{(missing or ['all'])[0]}")
         else:
             unet.load_state_dict(load_file(path / "unet.safetensors"))
+        bad = [name for name, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise ValueError(f"its weights are not finite ({bad[0]}, {len(bad)} tensors in all): damaged")
         state = TrainingState(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
         state.path = str(path)
         return state
     except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign checkpoint is one user error
-        fail(f"cannot resume from {str(path)!r}: not a complete checkpoint of this model ({one_line(e, 100)})")
+        fail(f"cannot resume from {str(path)!r}: not a complete checkpoint of this model ({one_line(e)}); resume "
+             f"from an earlier checkpoint")
 
 
 def checkpoint_folders(run_dir: Union[str, Path]) -> list:
@@ -305,9 +316,15 @@ def lock(run_dir: Path):
     run_dir = run_dir.resolve()  # a symlink to the folder locks the folder itself
     path = run_dir.parent / f".{run_dir.name}.lock"
     created = [p for p in (run_dir.parent, *run_dir.parent.parents) if not p.exists()]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # its folder is read-only, or not ours
+            _remove_empty(created)
+            fail(f"cannot lock the run folder {str(run_dir)!r}: the lock file {path.name!r} cannot be created beside it "
+                 f"({one_line(e, 80)}); the folder that holds the run folder must be writable: choose another "
+                 f"--output-dir, or copy the run elsewhere and resume it there")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -374,6 +391,7 @@ class Run:
     nonfinite_in_a_row: int = 0
     current: list = dataclasses.field(default_factory=list)  # checkpoints written from the current weights
     off_policy_warned: bool = False
+    resumed_weights: bool = False  # the weights are still the resumed checkpoint's (no optimiser step taken yet)
 
     def check_on_policy(self, ratio_dev, clip: float, epoch: int):
         """Warn once per run, in one line on stderr, when `debug/ratio_dev_at_start` (mean |rho - 1| before the epoch's
@@ -391,7 +409,7 @@ class Run:
     def step_ok(self, grad_norm, scaler, epoch: int) -> bool:
         """True if the optimiser step may be taken; False (skip it) if the gradient is not finite."""
         if torch.isfinite(grad_norm):
-            self.nonfinite_in_a_row, self.current = 0, []  # the step changes the weights
+            self.nonfinite_in_a_row, self.current, self.resumed_weights = 0, [], False  # the step changes the weights
             return True
         self.skipped_steps += 1
         if scaler.is_enabled() and scaler.get_scale() >= 1:
@@ -412,7 +430,9 @@ class Run:
                 target, n = path.with_name(f"{path.name}.diverged{n}"), n + 1
             path.rename(target)
             renamed.append(path.name)
-        note = f"{', '.join(renamed)} held these weights and became *.diverged" if renamed else "no checkpoint holds these weights"
+        note = (f"{', '.join(renamed)} held these weights and became *.diverged" if renamed else
+                f"these are the weights of the resumed checkpoint {str(self.checkpoint)!r}: resume an earlier one"
+                if self.resumed_weights else "no checkpoint holds these weights")
         fail(f"{what}: the model diverged ({common.divergence_hint(self.args)}); {note}")
 
     def save(self, epoch: int, unet, state: dict):
@@ -420,7 +440,8 @@ class Run:
         path = self.dir / "checkpoints" / f"epoch_{epoch:04d}"
         if self.nonfinite_in_a_row:
             self.diverged(f"not saving {path.name}: the weights gave a non-finite gradient at the last optimiser step")
-        save_checkpoint(path, unet, {**state, "record": {**self.record, "keys": sorted(state)}})
+        types = {key: type(value).__name__ for key, value in state.items()}
+        save_checkpoint(path, unet, {**state, "record": {**self.record, "keys": sorted(state), "types": types}})
         self.current.append(path)
 
     def next_step(self) -> str:
@@ -476,6 +497,12 @@ def start(args, script: str, dist) -> Run:
         if lacking:
             fail(f"{where}: its training state lacks {', '.join(map(repr, lacking))} (damaged); resume from an "
                  f"earlier checkpoint")
+        expected = {**theirs.get("types", {}), "epoch": "int", "global_step": "int"}  # older records lack "types"
+        wrong = [f"{key!r} is of type {type(state[key]).__name__}, not {kind}" for key, kind in expected.items()
+                 if key in state and type(state[key]).__name__ != kind]
+        if wrong or state["epoch"] < 0:
+            fail(f"{where}: its training state is damaged ({'; '.join(wrong) or 'a negative epoch'}); resume from an "
+                 f"earlier checkpoint")
         if state["epoch"] >= args.num_epochs:
             fail(f"{where}: it is at epoch {state['epoch']} and --num-epochs is {args.num_epochs}, so there is nothing "
                  f"to train; raise --num-epochs")
@@ -495,6 +522,13 @@ def start(args, script: str, dist) -> Run:
     if continuing and later:
         fail(f"--run-name {args.run_name}: resuming from {checkpoint.name} in its own run folder would overwrite its later "
              f"checkpoints ({', '.join(later)}); leave out --run-name to branch into a new run folder")
+    if len(f".{run_dir.name}.lock".encode()) > 255:  # the lock file's name; most file systems allow 255 bytes
+        fail(f"the run folder's name {run_dir.name[:40]!r}... is {len(run_dir.name.encode())} bytes, and its lock file's "
+             f"name may have at most 255 (each --fork adds about 30); choose a shorter --run-name")
+    try:
+        run_dir.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13, OSError ELOOP after)
+        fail(f"cannot use the run folder {str(run_dir)!r} ({one_line(e, 100)}); choose another --output-dir")
     if enabled:  # the folder is created only once the run can start; check now that it can be, and hold it
         parent = run_dir
         while not parent.exists():
@@ -523,6 +557,6 @@ def start(args, script: str, dist) -> Run:
         elif changed:
             print0(f"--fork: this run branches from {checkpoint} into {run_dir}, changing {', '.join(changed)}",
                    enabled=enabled)
-    run = Run(run_dir, record, args, checkpoint, enabled)
-    common.exit_in_one_line(run.next_step, enabled)  # Ctrl-C or a full disk from here on: one line
+    run = Run(run_dir, record, args, checkpoint, enabled, resumed_weights=checkpoint is not None)
+    common.exit_in_one_line(run.next_step, enabled, run_dir)  # Ctrl-C or a full disk from here on: one line
     return run

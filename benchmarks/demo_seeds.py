@@ -104,9 +104,26 @@ def with_flags(argv: list, extra: list) -> list:
     return argv
 
 
+def check(args: Args) -> list:
+    """The extra flags as a list, after checking the arguments (one line each)."""
+    if args.jobs < 1 or not args.seeds:
+        sys.exit(f"error: --jobs {args.jobs} and --seeds {' '.join(map(str, args.seeds)) or '(none)'}: give at least "
+                 f"one seed and --jobs >= 1")
+    try:
+        extra = shlex.split(args.extra)
+    except ValueError as e:
+        sys.exit(f"error: --extra {args.extra!r}: {e}")
+    if len(extra) % 2 or any(not name.startswith("--") for name in extra[::2]):
+        sys.exit(f"error: --extra {args.extra!r}: give pairs of a flag and its value, e.g. --extra='--learning-rate 1e-3'")
+    fixed = [name for name in extra[::2] if name in ("--guidance", "--eta", "--output-dir", "--run-name", "--seed")]
+    if fixed:
+        sys.exit(f"error: --extra {args.extra!r}: {fixed[0]} is fixed here (the judged table samples with guidance 5 "
+                 f"and eta 1; --out and --seeds place the runs)")
+    return extra
+
+
 def main(args: Args):
-    argv = with_flags(readme_command(), shlex.split(args.extra))
-    assert "--guidance" not in argv and "--eta" not in argv, "judged() assumes the default guidance 5 and eta 1"
+    argv = with_flags(readme_command(), check(args))
     print("README job:" if not args.extra else "README job with changes:", " ".join(argv))
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = dict(zip(args.seeds, pool.map(lambda s: run(s, args, argv), args.seeds)))

@@ -64,8 +64,9 @@ class Args:
 def check(args: Args):
     if args.images < 1 or not args.steps or min(args.steps) < 1 or max(args.steps) > 1000 or args.kl_steps < 0:
         common.fail("--images and --steps must be at least 1 (steps at most 1000), --kl-steps at least 0")
-    if not args.eta > 0:
-        common.fail(f"--eta {args.eta}: the KL needs a stochastic policy, eta > 0")
+    common.check_flags(args)  # --guidance, --eta, --lora-rank, --lora-alpha as the scripts check them
+    if args.out is not None and not Path(args.out).resolve().parent.is_dir():
+        common.fail(f"--out {args.out}: its folder does not exist; create it or choose another --out")
     for name in args.prompts:
         if name not in common.prompt_sets():
             common.fail(f"--prompts {name}: not a prompt set; choose from {', '.join(common.prompt_sets())}")
@@ -109,7 +110,14 @@ def evaluate(args: Args) -> dict:
     check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    path, _ = runs.find_checkpoint(args.checkpoint)
+    path, state = runs.find_checkpoint(args.checkpoint)
+    flags = state.get("record", {}).get("flags", {}) if isinstance(state.get("record"), dict) else {}
+    if flags.get("model", common.SHAPES) != common.SHAPES:
+        common.fail(f"{path} is a checkpoint of --model {flags['model']}; this evaluates shapes-world checkpoints only")
+    for name in ("lora_rank", "lora_alpha"):
+        ours = getattr(args, name) if name == "lora_rank" or args.lora_alpha is not None else float(args.lora_rank)
+        if name in flags and flags[name] != ours:
+            common.fail(f"{path} was trained with --{name.replace('_', '-')} {flags[name]}; pass the same value here")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = common.load_pipeline("shapes", device, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     runs.load_checkpoint(path, pipe.unet)
@@ -127,11 +135,14 @@ def evaluate(args: Args) -> dict:
                         traj, _ = sample_set(pipe, prompts, neg, steps=steps, args=args, key=key)
                 else:
                     traj, _ = sample_set(pipe, prompts, neg, steps=steps, args=args, key=key)
+                if not torch.isfinite(traj.images).all():
+                    common.fail(f"the {when} model gave non-finite images at {steps} steps (--guidance "
+                                f"{args.guidance:g}, or diverged weights): nothing to score")
                 row[f"reward_{when}"] = world.reward(traj.images, prompts).mean().item()
                 row[f"judged_{when}"] = world.judge(traj.images, prompts).float().mean().item()
             rows[str(steps)] = row
         result["sets"][name] = rows
-    if args.kl_steps:
+    if args.kl_steps:  # (the same noise as the first set's "after" samples, which were finite)
         prompts = cycled(args.prompts[0], args.images)
         traj, embeds = sample_set(pipe, prompts, neg, steps=args.kl_steps, args=args, key=0)
         result["kl_to_pretrained"] = path_kl(pipe, traj, embeds, neg, steps=args.kl_steps, args=args).mean().item()

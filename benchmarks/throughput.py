@@ -85,6 +85,13 @@ def measure(tree: Path, argv: list, threads: int, out: Path) -> tuple:
 def main(args: Args):
     if args.epochs < 2 or args.repeats < 1 or args.threads < 1:
         raise SystemExit("error: --epochs must be at least 2 (the first warms up), --repeats and --threads at least 1")
+    import study
+
+    unknown = [name for name in args.methods if name not in study.CONFIGS] + [
+        name for name in args.settings if name not in ("readme", "study")]
+    if unknown:
+        raise SystemExit(f"error: {unknown[0]} is neither a setting (readme, study) nor a study configuration "
+                         f"({', '.join(study.CONFIGS)})")
     sha = subprocess.run(["git", "rev-parse", "--short", args.ref], cwd=ROOT, capture_output=True, text=True)
     if sha.returncode != 0:
         raise SystemExit(f"error: --ref {args.ref}: not a commit of this repository ({sha.stderr.strip()})")

@@ -288,6 +288,9 @@ def gib(n: float) -> str:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     common.fill_family_defaults(args, dict(num_steps=50, guidance=5.0, eta=1.0))  # the unset ones: the family's
+    common.check_flags(args, {  # the flags it shares with the scripts as they check them, and its own
+        "train_batch_size": ("an integer >= 1, or omitted for --batch", lambda v: v is None or v >= 1),
+        "matmul_size": ("an integer >= 1, or omitted for the device's default", lambda v: v is None or v >= 1)})
     if args.batch < 1 or args.warmup < 0 or not 1 <= args.num_steps <= 1000 or not 0 < args.timestep_fraction <= 1:
         common.fail("--batch >= 1, --warmup >= 0, --num-steps in [1, 1000] and --timestep-fraction in (0, 1] are required")
     if args.train_batch_size is not None and not (1 <= args.train_batch_size and args.batch % args.train_batch_size == 0):

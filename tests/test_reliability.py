@@ -8,13 +8,18 @@ that fails before the model loads takes ~0.1 s and a run of the tiny model a sec
 command line to check the exit status and that stderr holds no traceback."""
 
 import dataclasses
+import errno
 import importlib
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import error_line, in_process, lora_weights, run, training_state
+from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, in_process, lora_weights, run, training_state
 
 import common
 import rewards
@@ -318,3 +323,271 @@ def test_newest_checkpoint_is_chosen_by_epoch_number(tmp_path, tiny):
     (tmp_path / "checkpoints" / "epoch_10001.tmp").mkdir()  # a save in progress is not a checkpoint
     path, state = runs.find_checkpoint(tmp_path)
     assert path.name == "epoch_10000" and state["epoch"] == 10000
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regression table, third pass: one test per class of failure, each with its repro
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_class_resume_is_exact_or_refused(ppo_run, tmp_path, monkeypatch):
+    """A LoRA file holding half or none of its tensors loaded (only unexpected keys were checked) and the run said it
+    resumed; random bytes in a weight file gave non-finite weights that diverged "with no checkpoint holding them".
+    Each is now refused in one line naming what is wrong, and the checkpoint is left as it was."""
+    from safetensors.torch import save_file
+
+    weights = lora_weights(ppo_run / "checkpoints" / "epoch_0001")
+    names = sorted(weights)
+    nan = {**weights, names[1]: torch.full_like(weights[names[1]], float("nan"))}
+    cases = [({k: weights[k] for k in names[::2]}, f"{len(names) // 2} of its {len(names)} LoRA tensors are missing"),
+             ({}, f"{len(names)} of its {len(names)} LoRA tensors are missing"),
+             (nan, "its weights are not finite")]
+    problems = []
+    for i, (tensors, message) in enumerate(cases):
+        home = tmp_path / f"r{i}"
+        shutil.copytree(ppo_run, home)
+        save_file(tensors, home / "checkpoints" / "epoch_0002" / runs.LORA_FILE)
+        before = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+        line = in_process("ppo", [*QUICK, "--num-epochs", 3, "--resume", home], monkeypatch)
+        if not (line.startswith("error: cannot resume from") and message in line and "\n" not in line):
+            problems.append(f"{message}: {line!r}")
+        if {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()} != before:
+            problems.append(f"{message}: the run folder changed")
+    assert not problems
+
+
+def test_class_a_divergence_from_resumed_weights_names_the_resumed_checkpoint(tmp_path):
+    args = type("Args", (), dict(learning_rate=0.5, guidance=7.0))()
+    run_ = runs.Run(tmp_path, {}, args, checkpoint=tmp_path / "checkpoints" / "epoch_0003", resumed_weights=True)
+    with pytest.raises(SystemExit, match="these are the weights of the resumed checkpoint .*epoch_0003"):
+        run_.diverged("the gradient was not finite")
+    run_.step_ok(torch.tensor(1.0), torch.amp.GradScaler("cpu", enabled=False), 0)  # a step: new weights
+    with pytest.raises(SystemExit, match="no checkpoint holds these weights"):
+        run_.diverged("the gradient was not finite")
+
+
+def test_class_the_one_line_handler_never_crashes_and_names_the_full_disk(tmp_path, capsys):
+    """TensorBoard raised ENOSPC with a bytes file name: the hook called Path() on it and crashed ("Error in
+    sys.excepthook" and the traceback). A refused write without a file name reported the free space of the working
+    folder's disk, not the run folder's. Now: one line each, naming the disk measured; a next step that fails does not
+    lose the line either."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with as_a_process():
+        sys.excepthook = lambda kind, error, tb: pytest.fail(f"reached the previous hook: {kind}")
+        common.exit_in_one_line(lambda: "what to do", folder=run_dir)
+        for error in (OSError(errno.ENOSPC, "No space left on device", os.fsencode(run_dir / "events")),
+                      OSError(errno.ENOSPC, "No space left on device")):
+            sys.excepthook(type(error), error, None)
+        common.exit_in_one_line(lambda: 1 / 0, folder=run_dir)
+        sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 3, lines
+    for line in lines[:2]:
+        assert line.startswith("error: a write failed (OSError: [Errno 28] No space left on device") and (
+            f"MB free on the disk of {str(run_dir)!r}); what to do" in line), line
+    assert lines[2].startswith("error: interrupted; (what to do next is unknown: ZeroDivisionError")
+
+
+STOPPED_PEER = """import sys, time
+sys.path.insert(0, sys.argv[1])
+import common
+d = common.setup_distributed("cpu")
+common.exit_in_one_line(lambda: "what to do")
+if d.rank == 1:
+    time.sleep(90)  # a process that stopped (SIGSTOP, a stuck reward server, a wedged GPU)
+common.broadcast_flag(True, d.device)
+"""
+
+
+def test_class_every_wait_is_bounded_a_stopped_torchrun_process(tmp_path):
+    """A torchrun process that stopped left the others blocked in a collective for gloo's 30 minutes, then a
+    traceback. Now the process group has a timeout (DIFFUSION_RL_TIMEOUT, here 3 s): the waiting process ends with one
+    line that names the timeout and how to change it, long before the stopped one would have woken."""
+    (tmp_path / "stop.py").write_text(STOPPED_PEER)
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "stop.py"), str(ROOT)], cwd=ROOT,
+                          env={**OFFLINE, "DIFFUSION_RL_TIMEOUT": "3"},
+                          capture_output=True, text=True, timeout=80)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("error: process 0:")), proc.stderr[-2000:])
+    assert "another process of this torchrun job failed or stopped answering" in line, line
+    assert "waits 3 s for the others (set DIFFUSION_RL_TIMEOUT to change it); what to do" in line, line
+    assert "unbound_buffer" not in proc.stderr  # no gloo traceback from the process that waited
+
+
+def test_class_every_wait_is_bounded_prompt_pipes(tmp_path, monkeypatch):
+    """`--prompt-file <(printf ...)` said "holds no prompts" (the pipe was read once per use, and only the first read
+    sees its text); a FIFO no program writes blocked forever at open. Now a pipe is read once and kept, and a FIFO
+    that gives no end of file within PIPE_TIMEOUT is refused in one line."""
+    read, write = os.pipe()
+    os.write(write, b"a red image\n\na blue image\n")
+    os.close(write)
+    path = f"/dev/fd/{read}"  # what bash's process substitution passes
+    try:
+        assert common.load_prompts("colors", path) == ["a red image", "a blue image"]
+        assert common.load_eval_prompts("colors", path) == ["a red image", "a blue image"] * 16
+        assert common.load_prompts("colors", path) == ["a red image", "a blue image"]
+    finally:
+        os.close(read)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(common, "PIPE_TIMEOUT", 0.5)
+    with pytest.raises(SystemExit, match=r"^error: prompt file .*fifo' is a pipe that gave no end of file within 0.5"):
+        common.load_prompts("colors", str(fifo))
+
+
+def test_class_bad_places_devices_and_states_fail_in_one_line_before_the_model_loads(ppo_run, tmp_path, monkeypatch):
+    """Each was a traceback before the one-line handler had a say: a --run-name whose lock file's name passes 255
+    bytes, an --output-dir inside a symlink loop, a run folder whose parent is read-only (the lock cannot be made;
+    simulated, as the suite may run as root), --device xla or meta (meta also left a run folder with only an events
+    file), a training state whose fields have the wrong type."""
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    wrong = tmp_path / "wrong"
+    shutil.copytree(ppo_run, wrong)
+    state = training_state(wrong / "checkpoints" / "epoch_0002")
+    torch.save({**state, "epoch": "2"}, wrong / "checkpoints" / "epoch_0002" / runs.STATE_FILE)
+    untyped = tmp_path / "untyped"
+    shutil.copytree(ppo_run, untyped)
+    torch.save({**state, "reward_curve": {"0": 1.0}}, untyped / "checkpoints" / "epoch_0002" / runs.STATE_FILE)
+    out = tmp_path / "runs"
+    rows = [(["--output-dir", out, "--run-name", "x" * 250], "choose a shorter --run-name"),
+            (["--output-dir", tmp_path / "loop_a" / "below"], "choose another --output-dir"),
+            (["--output-dir", out, "--device", "xla"], "--device xla: the scripts run on cuda, cuda:N or cpu"),
+            (["--output-dir", out, "--device", "meta"], "--device meta: the scripts run on cuda, cuda:N or cpu"),
+            (["--num-epochs", 3, "--resume", wrong], "'epoch' is of type str, not int"),
+            (["--num-epochs", 3, "--resume", untyped], "'reward_curve' is of type dict, not list")]
+    problems = [f"{argv}: {line!r}" for argv, message in rows
+                if not ((line := in_process("ppo", [*QUICK, *argv], monkeypatch)).startswith("error: ")
+                        and message in line and "\n" not in line)]
+    real_open = os.open
+
+    def read_only_parent(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs.os, "open", read_only_parent)
+    line = in_process("ppo", [*QUICK, "--num-epochs", 3, "--resume", ppo_run, "--output-dir", out, "--run-name", "r"],
+                      monkeypatch)
+    if not (line.startswith("error: cannot lock the run folder") and "must be writable" in line and "\n" not in line):
+        problems.append(f"read-only parent: {line!r}")
+    assert not problems
+    assert not out.exists() and sorted(p.name for p in (ppo_run / "checkpoints").iterdir()) == [
+        "epoch_0001", "epoch_0002"]
+
+
+REMOVED = """
+import runpy, shutil, sys
+import runs
+save = runs.Run.save
+def save_then_remove(self, epoch, unet, state):
+    save(self, epoch, unet, state)
+    shutil.rmtree(self.dir)  # the user removes the run folder while the run goes on
+runs.Run.save = save_then_remove
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_class_a_run_in_a_non_utf8_locale_whose_folder_is_removed_mid_run_ends_in_one_line(tmp_path):
+    """Under LC_ALL=C PYTHONUTF8=0 every offline model failed (the tokenizer's vocabulary was written in the locale's
+    encoding, ASCII); a run folder removed while the run wrote to it ended in a FileNotFoundError traceback. Now the
+    run starts, and the removal ends it in one line that names the folder."""
+    env = {**OFFLINE, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+    argv = [*QUICK, "--num-epochs", 2, "--save-every", 1, "--output-dir", tmp_path, "--run-name", "gone"]
+    proc = subprocess.run([PYTHON, "-c", REMOVED, str(ROOT / "ppo.py"), *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert error_line(proc).startswith(f"error: the run folder {str(tmp_path / 'gone')!r} was removed or moved while "
+                                       f"the run wrote to it (FileNotFoundError"), error_line(proc)
+
+
+def test_class_benchmarks_and_world_tools_check_their_arguments_as_the_scripts_do(ppo_run, tmp_path, monkeypatch):
+    """benchmarks/ and world/ accepted what the scripts refuse (--eta 2, --guidance nan, --lora-rank -1,
+    --timesteps-per-call 0, --matmul-size 0), scored a tiny model's checkpoint as a shapes model, failed only after the
+    work on an --out in a missing folder, and gave tracebacks for --jobs 0, no seeds, --extra=--guidance 3,
+    --methods bogus, --device xla; world.pretrain wrote inside the committed model folder without --overwrite. Each is
+    now one line before anything loads; world.reward and world.judge check their inputs."""
+    import world
+
+    rows = [
+        ("benchmarks/evaluate", [ppo_run, "--eta", 2], "--eta 2.0: must be in (0, 1]"),
+        ("benchmarks/evaluate", [ppo_run, "--guidance", "nan"], "--guidance nan: must be a finite number"),
+        ("benchmarks/evaluate", [ppo_run, "--out", tmp_path / "missing" / "e.json"], "its folder does not exist"),
+        ("benchmarks/evaluate", [ppo_run], "is a checkpoint of --model tiny; this evaluates shapes-world checkpoints"),
+        ("benchmarks/train_step", ["--model", "tiny", "--timesteps-per-call", 0], "--timesteps-per-call 0: must be"),
+        ("benchmarks/train_step", ["--model", "tiny", "--lora-rank", -1], "--lora-rank -1: must be"),
+        ("benchmarks/train_step", ["--model", "tiny", "--matmul-size", 0], "--matmul-size 0: must be"),
+        ("benchmarks/train_step", ["--model", "tiny", "--eta", 0], "--eta 0.0: must be in (0, 1]"),
+        ("benchmarks/train_step", ["--model", "tiny", "--device", "xla"], "--device xla: the scripts run on"),
+        ("benchmarks/demo_seeds", ["--jobs", 0], "give at least one seed and --jobs >= 1"),
+        ("benchmarks/demo_seeds", ["--seeds"], "give at least one seed and --jobs >= 1"),
+        ("benchmarks/demo_seeds", ["--extra=--guidance 3"], "--guidance is fixed here"),
+        ("benchmarks/demo_seeds", ["--extra=--learning-rate"], "give pairs of a flag and its value"),
+        ("benchmarks/throughput", ["--methods", "bogus"], "bogus is neither a setting"),
+        ("world/pretrain", ["--out", common.SHAPES_DIR / "inner"], "is inside the committed model folder"),
+        ("world/pretrain", ["--out", tmp_path / "m", "--device", "xla"], "--device 'xla': this trains on cpu"),
+        ("world/pretrain_flow", ["--out", common.SHAPES_FLOW_DIR / "inner"], "is inside the committed model folder"),
+    ]
+    problems = []
+    for tool, argv, message in rows:
+        line = in_process(tool, argv, monkeypatch)
+        if message not in line or "\n" in line.strip():
+            problems.append(f"{tool} {argv}: {line!r}")
+    assert not problems
+    assert not (common.SHAPES_DIR / "inner").exists() and not (common.SHAPES_FLOW_DIR / "inner").exists()
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+    images, prompts = torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]
+    assert world.reward(images, prompts).isfinite().all()
+    nan = images.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    assert world.reward(nan, prompts)[0].isfinite() and world.reward(nan, prompts)[1].isnan()  # not 0.0
+    for bad, words, fn in [((images, prompts[:1]), "2 images and 1 prompts", world.reward),
+                           ((images * 255, prompts), "must be in [0, 1]", world.reward),
+                           ((images[0], prompts[:1]), "(B, 3, H, W)", world.judge),
+                           ((nan, prompts), "not finite", world.judge)]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            fn(*bad)
+
+
+# Every benchmark and world tool that computes, with its smallest flags and its DEFAULT output location. A tool that
+# writes nothing (train_step) is here too: a default that later writes must write under runs/. Still to add:
+# benchmarks/study.py (its default --out moves to runs/study on main), and demo_seeds.py / evaluate.py /
+# prompt_pairs.py / throughput.py, whose smallest runs need a trained shapes checkpoint or take minutes on 2 cores
+# (demo_seeds' default --out is runs/demo_seeds; evaluate prints unless given --out; the other two write nothing).
+DEFAULT_OUTPUTS = [
+    ["benchmarks/train_step.py", "--model", "tiny", "--batch", "2", "--device", "cpu", "--warmup", "0", "--num-steps",
+     "2", "--ratio-precisions", "no"],
+    ["-m", "world.pretrain", "--threads", "1", "--vae-steps", "2", "--decoder-steps", "1", "--vae-batch", "4",
+     "--unet-steps", "2", "--unet-batch", "4", "--num-latents", "16", "--eval-images", "2", "--eval-steps", "2"],
+    ["-m", "world.pretrain_flow", "--threads", "1", "--steps", "2", "--batch", "4", "--num-latents", "16",
+     "--eval-images", "2", "--eval-steps", "2", "--layers", "2"],
+]
+
+
+def test_class_no_default_command_writes_into_the_repository(tmp_path):
+    """A default command rewrote committed results (study.py's default --out was its committed folder). In a copy of
+    this checkout committed as a fresh repository, each tool's default run leaves `git status` clean: what it writes
+    goes under runs/, which git ignores."""
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    git = dict(cwd=clone, capture_output=True, text=True, check=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    subprocess.run(["git", "add", "-A"], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], **git)
+    problems = []
+    for argv in DEFAULT_OUTPUTS:
+        proc = subprocess.run([PYTHON, *argv], cwd=clone, env=OFFLINE, capture_output=True, text=True, timeout=600)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], **git).stdout
+        if proc.returncode != 0 or status:
+            problems.append(f"{' '.join(argv[:2])}: exit {proc.returncode}, git status {status!r}, "
+                            f"{proc.stderr[-500:]!r}")
+    assert not problems

@@ -252,7 +252,7 @@ def test_a_full_disk_while_writing_images_or_events_ends_the_run_in_one_line(wha
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert error_line(proc).startswith("error: a write failed (OSError: [Errno 28] No space left on device") and (
-        "MB free on its disk); " in error_line(proc)), error_line(proc)
+        "MB free on the disk of " in error_line(proc)), error_line(proc)
     assert error_line(proc).endswith("start the run again") or "--resume" in error_line(proc)
     for _, folder in runs.checkpoint_folders(tmp_path / "a"):
         assert runs.checkpoint_problem(folder) is None and lora_weights(folder)

@@ -276,14 +276,34 @@ def parse_all(prompts: Sequence[str]) -> list:
     return objs
 
 
+def check_inputs(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Which images are finite, (B,) bool, after checking that `images` is (B, 3, H, W) with values in [0, 1] and
+    that there is one prompt per image (a mismatch was silently truncated, a 0-255 image scored 0.0): ValueError."""
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3):
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, not {getattr(images, 'shape', type(images).__name__)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images and {len(prompts)} prompts: give one prompt per image")
+    finite = torch.isfinite(images).flatten(1).all(1)
+    values = images[finite]
+    if values.numel() and not (values.min() >= 0 and values.max() <= 1):
+        raise ValueError(f"image values must be in [0, 1], not [{values.min().item():g}, {values.max().item():g}] "
+                         f"(divide 0-255 images by 255)")
+    return finite
+
+
 def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """The compositional reward, (B,) float32 in [0, 1] on the images' device (see `score`)."""
+    """The compositional reward, (B,) float32 in [0, 1] on the images' device (see `score`); NaN for an image that is
+    not finite (a diverged model: the scripts' reward check names it), not a score of nothing drawn."""
+    finite = check_inputs(images, prompts)
     objs = parse_all(prompts)
-    values = [score(found, o)[0] for found, o in zip(analyse(images), objs)]
-    return torch.tensor(values, dtype=torch.float32, device=images.device)
+    values = [score(found, o)[0] for found, o in zip(analyse(images.nan_to_num(0.0)), objs)]
+    return torch.where(finite, torch.tensor(values, dtype=torch.float32, device=images.device), torch.nan)
 
 
 def judge(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """Strict correctness per image, (B,) bool: exactly the named objects, each of the named shape."""
+    """Strict correctness per image, (B,) bool: exactly the named objects, each of the named shape. Images that are
+    not finite cannot be judged: ValueError."""
+    if not check_inputs(images, prompts).all():
+        raise ValueError("some images are not finite (a diverged model); they cannot be judged")
     objs = parse_all(prompts)
     return torch.tensor([score(found, o)[1] for found, o in zip(analyse(images), objs)])
