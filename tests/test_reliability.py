@@ -565,6 +565,7 @@ DEFAULT_OUTPUTS = [
      "--unet-steps", "2", "--unet-batch", "4", "--num-latents", "16", "--eval-images", "2", "--eval-steps", "2"],
     ["-m", "world.pretrain_flow", "--threads", "1", "--steps", "2", "--batch", "4", "--num-latents", "16",
      "--eval-images", "2", "--eval-steps", "2", "--layers", "2"],
+    ["benchmarks/study.py", "--quick", "--methods", "loop_k4", "--jobs", "1"],  # its --out was benchmarks/study
 ]
 
 
