@@ -43,6 +43,8 @@ from typing import Optional
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from evaluate import t_quantile  # noqa: E402 - the top-level evaluate.py's Student's t quantile
 
 
 @dataclass
@@ -299,25 +301,6 @@ def final_metrics(run: Run, args: Args, result: dict) -> dict:
     for steps in (args.robustness_steps if run.name in ROBUSTNESS else ()):
         out[f"reward_gain_{steps}steps"] = gain(args.prompts, steps, "reward")
     return out
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its CDF, integrated by
-    Simpson's rule (t_0.975 with 4 degrees of freedom: 2.7764)."""
-    import numpy as np
-
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(x):
-        u = np.linspace(0.0, x, 2001)
-        f = c * (1 + u**2 / df) ** (-(df + 1) / 2)
-        return 0.5 + (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-
-    low, high = 0.0, 100.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if cdf(mid) < p else (low, mid)
-    return (low + high) / 2
 
 
 def bootstrap(values, resamples: int = RESAMPLES, seed: int = 0) -> tuple:
