@@ -129,11 +129,15 @@ def paired(before: torch.Tensor, after: torch.Tensor) -> dict:
 
 
 def table(summary: dict, trained: set) -> str:
-    """The markdown table: one row per reward, the trained ones marked, possible reward hacking flagged."""
+    """The markdown table: one row per reward, the trained ones marked. Another reward whose whole interval lies
+    below 0 is flagged as possible reward hacking where the trained reward rose (or was not scored); where it did
+    not rise, it is only `lower`: the run learned nothing to trade it for."""
+    rose = all(summary[name]["diff"] > 0 for name in trained)
     lines = ["| reward | before | after | after - before [95% interval] | win rate | note |",
              "|---|---:|---:|---|---:|---|"]
     for name, s in summary.items():
-        note = "trained" if name in trained else "possible reward hacking" if s["high"] < 0 else ""
+        lower = "possible reward hacking" if rose else "lower"
+        note = "trained" if name in trained else lower if s["high"] < 0 else ""
         label = "judge (both objects right)" if name == JUDGE else name + " *" * (name in trained)
         lines.append(f"| {label} | {s['before']:.4g} | {s['after']:.4g} | {s['diff']:+.3g} [{s['low']:+.3g}, "
                      f"{s['high']:+.3g}] | {s['win_rate']:.0%} | {note} |")
@@ -226,7 +230,9 @@ if __name__ == "__main__":
 
         world.parse_all(prompts)
     sample_kw = sampler(args, record)
-    per_prompt = args.images_per_prompt or max(4, math.ceil(common.EVAL_IMAGES / len(prompts)))
+    per_prompt = args.images_per_prompt
+    if per_prompt is None:
+        per_prompt = max(4, math.ceil(common.EVAL_IMAGES / len(prompts)))
     for flag, value in (("--images-per-prompt", per_prompt), ("--batch-size", args.batch_size)):
         if value < 1:
             common.fail(f"{flag} {value}: must be an integer >= 1 (no images, nothing to compare)")
@@ -293,7 +299,7 @@ if __name__ == "__main__":
     header = (f"{checkpoint}: {len(texts)} pairs ({len(prompts)} prompt(s) of {label} x {per_prompt} noise samples, "
               f"--seed {args.seed}), " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sample_kw.items()))
     common.print0(f"{header}\n\n{text}\n\n* trained reward; possible reward hacking: a reward not trained on whose "
-                  f"whole 95% interval lies below 0")
+                  f"whole 95% interval lies below 0, while the trained reward rose")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"{header}\n\n{text}\n")
     result = dict(checkpoint=str(checkpoint), script=record["script"], model=model, sampler=sample_kw, seed=args.seed,

@@ -18,14 +18,16 @@ import common
 import evaluate
 import rewards
 
-# The shapes checkpoint: tests/test_learning.py's LOOP run (the single-prompt study's loop_k4 at learning rate 3e-3:
-# "a green triangle and a blue square", 16 images an epoch, K = 4, 20 epochs, 10 DDIM steps, guidance 5), one seed.
-SHAPES_RUN = ["--model", "shapes", "--reward", "shapes", "--prompts", "shapes_demo", "--num-steps", "10", "--guidance",
-              "5", "--learning-rate", "3e-3", "--sample-batch-size", "16", "--num-batches-per-epoch", "1", "--k", "4",
-              "--train-batch-size", "8", "--gradient-accumulation-steps", "1", "--clip", "1e-2", "--num-epochs", "20",
-              "--image-every", "0", "--eval-num-steps", "--save-every", "0", "--seed", "1"]
-# Its paired difference on the shapes reward, evaluated by default (32 pairs of the one prompt, --seed 0), after
-# training at seeds 1, 2 and 3 (1 thread): +0.XXX, +0.XXX, +0.XXX. The margin is well inside the worst.
+# The shapes checkpoint: the README's main job (LOOP on "a green triangle and a blue square": 40 epochs of 32 images,
+# K = 8, 10 DDIM steps, learning rate 1e-3, clip 1e-2, seed 42), without its image grids. A run of the learning
+# tests' 320 images is not enough at one seed: evaluated as below, tests/test_learning.py's LOOP run gave +0.178 at
+# seed 1 and -0.102 at seed 2. The main job's paired difference on the shapes reward, evaluated as the test does
+# (32 pairs of its one prompt, --seed 0, 1 thread, a busy 2-core machine): +0.170 at seed 42, SEED_1 at seed 1,
+# SEED_2 at seed 2. The margin is well inside the worst.
+SHAPES_RUN = ["--model", "shapes", "--reward", "shapes", "--prompts", "shapes_demo", "--num-steps", "10",
+              "--sample-batch-size", "32", "--num-batches-per-epoch", "1", "--train-batch-size", "16",
+              "--gradient-accumulation-steps", "1", "--k", "8", "--learning-rate", "1e-3", "--clip", "1e-2",
+              "--num-epochs", "40", "--image-every", "0", "--eval-num-steps", "--save-every", "0"]
 SHAPES_MARGIN = 0.05
 
 
@@ -72,9 +74,12 @@ def test_the_paired_statistics_by_hand():
     assert s["diff"] == 3 and abs(s["low"] - (3 - half)) < 1e-3 and abs(s["high"] - (3 + half)) < 1e-3
     s = evaluate.paired(torch.tensor([0.0, 0, 1, 2]), torch.tensor([0.0, 1, 0, 2]))
     assert s["win_rate"] == 0.25 and s["diff"] == 0 and s["before"] == s["after"] == 0.75
-    table = evaluate.table({"a": s, "b": dict(s, high=-0.1), "c": dict(s, high=-0.1)}, trained={"c"})
+    rows = {"a": s, "b": dict(s, high=-0.1), "c": dict(s, diff=0.2, high=-0.1)}
+    table = evaluate.table(rows, trained={"c"})
     assert [line.endswith("possible reward hacking |") for line in table.splitlines()[2:]] == [False, True, False]
     assert "| c * |" in table and table.splitlines()[-1].endswith("| trained |")
+    table = evaluate.table({**rows, "c": dict(s, diff=0.0)}, trained={"c"})  # the trained reward did not rise
+    assert "reward hacking" not in table and table.splitlines()[3].endswith("| lower |")
 
 
 def test_a_checkpoint_against_itself_on_the_tiny_model(tiny_run, tmp_path, monkeypatch):
@@ -105,7 +110,7 @@ def test_a_checkpoint_against_itself_on_the_tiny_model(tiny_run, tmp_path, monke
 
 
 def test_a_checkpoint_against_itself_on_the_shapes_world_with_its_judge(shapes_run, tmp_path, monkeypatch):
-    result = evaluated([zero_lora(shapes_run / "checkpoints" / "epoch_0020", tmp_path / "zero"), "--rewards", "shapes",
+    result = evaluated([zero_lora(shapes_run / "checkpoints" / "epoch_0040", tmp_path / "zero"), "--rewards", "shapes",
                         "--images-per-prompt", "3", "--num-steps", "3"], monkeypatch, tmp_path / "self")
     assert set(result["summary"]) == {"shapes", "judge"}
     for s in result["summary"].values():
