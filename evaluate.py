@@ -6,9 +6,10 @@ by --seed, at the run's own sampler settings (its checkpoint records them), so e
 partner before it that differs only by the fine-tuning. Every image is scored by every reward named, one reward
 model in memory at a time, and on the shapes world also by its judge (`world.judge`: both objects right). For
 each reward the table gives the mean before and after, the mean paired difference with a 95% interval and the win
-rate; the trained reward is marked, and another reward whose whole interval lies below 0 is flagged as possible
-reward hacking. Papers report a trained model this way on held-out prompts (Flow-GRPO on DrawBench; DanceGRPO and
-MixGRPO on HPDv2's test prompts; LOOP on T2I-CompBench's val prompts): prompts/README.md says where those sets are.
+rate; the trained reward is marked, and another reward whose whole interval lies below 0 while the trained one
+rose is flagged as possible reward hacking. Papers report a trained model this way on held-out prompts (Flow-GRPO
+on DrawBench; DanceGRPO and MixGRPO on HPDv2's test prompts; LOOP on T2I-CompBench's val prompts):
+prompts/README.md says where those sets are.
 
     python evaluate.py runs/demo --rewards shapes,jpeg_compressibility
     python evaluate.py runs/NAME --rewards aesthetic,pickscore,hpsv2,imagereward,clipscore --prompts drawbench.txt
