@@ -25,10 +25,9 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import evaluate as evaluator  # noqa: E402 - the top-level evaluate.py: its fixed noise is this one's
 import runs  # noqa: E402
 import world  # noqa: E402
-
-EVAL_STREAM = -2  # the noise's key, apart from the scripts' epochs (>= 0) and their own evaluation (-1)
 
 
 @dataclass
@@ -78,15 +77,11 @@ def cycled(name: str, n: int) -> list:
     return (prompts * (n // len(prompts) + 1))[:n]
 
 
-@torch.no_grad()
 def sample_set(pipe, prompts, neg, *, steps, args, key):
-    """Samples of `prompts` at `steps` from fixed noise keyed by (seed, key, image): the same for every model."""
-    embeds = common.encode_prompts(pipe, prompts)
-    gens = [common.generator(embeds.device, args.seed, EVAL_STREAM, key, i) for i in range(len(prompts))]
-    c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    x_T = common.draw_noise((len(prompts), c, h, h), gens, embeds.device)
-    return common.sample(pipe, embeds, neg, num_steps=steps, guidance=args.guidance, eta=args.eta, generator=gens,
-                         latents=x_T), embeds
+    """Samples of `prompts` at `steps` from fixed noise keyed by (seed, key, image): the same for every model
+    (evaluate.sample_set, the noise of the top-level evaluate.py)."""
+    return evaluator.sample_set(pipe, prompts, neg, num_steps=steps, guidance=args.guidance, eta=args.eta,
+                                seed=args.seed, key=key)
 
 
 @torch.no_grad()

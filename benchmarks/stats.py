@@ -16,11 +16,15 @@ paired difference a - b. Over n seeds:
 docs/benchmarks.md quotes its figures.
 """
 
-import functools
 import math
+import sys
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evaluate import t_cdf, t_quantile  # noqa: E402 - Student's t, shared with the top-level evaluator
 
 ALPHA = 0.05
 RESAMPLES = 10_000
@@ -29,27 +33,6 @@ MIN_SEEDS = 5  # below this no interval is printed: at 3 or 4 seeds a bootstrap 
 
 def seeds(n: int) -> str:
     return f"{n} seed{'s' * (n != 1)}"
-
-
-def t_cdf(x: float, df: int) -> float:
-    """P(T <= x) for Student's t with df degrees of freedom: the density integrated by Simpson's rule (2,000
-    intervals on [0, |x|], exact to about 1e-9 for df >= 1 and |x| < 100)."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    u = np.linspace(0.0, abs(x), 2001)
-    f = c * (1 + u**2 / df) ** (-(df + 1) / 2)
-    half = (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-    return 0.5 + math.copysign(half, x)
-
-
-@functools.lru_cache(maxsize=None)
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom, by bisection on t_cdf
-    (t_0.975 with 4 degrees of freedom: 2.7764)."""
-    low, high = 0.0, 100.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
-    return (low + high) / 2
 
 
 def t_interval(values, level: float = 1 - ALPHA) -> tuple:
