@@ -620,7 +620,7 @@ def timesteps_per_call(flag: Optional[int], num_train_timesteps: int, device) ->
 
 def trained_steps(pipe, n: int, num_steps: int, num_train: int, generator, device) -> torch.Tensor:
     """(n, num_train): the step indices each of n trajectories trains on. SD 1.x/2.x: a random permutation of its T
-    steps per trajectory, cut to the first num_train (DDPO: ddpo-pytorch scripts/train.py, "shuffle along time
+    steps per trajectory, cut to the first num_train (DDPO: ddpo-pytorch scripts/train.py line 460, "shuffle along time
     dimension independently for each sample"), drawn from `generator`. SD 3.x: the first num_train steps in order,
     the same for every trajectory (Flow-GRPO: scripts/train_sd3.py line 864, `range(num_train_timesteps)`), so that
     with its timestep_fraction 0.99 the last step, the narrowest Gaussian, is never trained; nothing is drawn."""
