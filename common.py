@@ -159,8 +159,8 @@ ETA_RULES = {
 # (yifan123/flow_grpo config/grpo.py, geneval_sd3 and pickscore_sd3: 10 steps, guidance 4.5, evaluation at 40 steps,
 # timestep_fraction 0.99; config/base.py: noise level 0.7; its evaluation samples with noise level 0,
 # scripts/train_sd3.py line 258): no method here has a flow source of its own. (Flow-GRPO's learning rate 3e-4 and
-# clip range 1e-4 are DDPO's, which PPO and LOOP already use.) An unset --eval-eta on SD 1.x/2.x is --eta: the
-# evaluation samples with the training sampler, as it always has. docs/flow.md has the table with every line.
+# clip range 1e-4 are DDPO's, which PPO and LOOP already use.) An unset --eval-eta on SD 1.x/2.x stays unset: the
+# evaluation samples with --eta, as it always has (and a checkpoint of an earlier version resumes unchanged). docs/flow.md has the table with every line.
 FLOW_DEFAULTS = dict(num_steps=10, guidance=4.5, eta=0.7, timestep_fraction=0.99, eval_eta=0.0, eval_num_steps=(40,))
 SD_COMMON_DEFAULTS = dict(timestep_fraction=1.0, eval_num_steps=(25, 100))
 # Flow-GRPO's SD 3.5 resolution (config/grpo.py: `config.resolution = 512` in geneval_sd3 and pickscore_sd3)
@@ -187,13 +187,12 @@ def model_family(model: str) -> str:
 def fill_family_defaults(args, sd_defaults: dict):
     """Set the sampling flags left unset (None) to the loaded model family's values: `sd_defaults` (over
     SD_COMMON_DEFAULTS) on SD 1.x/2.x, FLOW_DEFAULTS on SD 3.x; a value given on the command line is kept. An unset
-    --eval-eta on SD 1.x/2.x is --eta. Then --eta and --eval-eta are checked against the family's rule (ETA_RULES)."""
+    --eval-eta stays unset on SD 1.x/2.x (the scripts then evaluate with --eta, as they always have). Then --eta and
+    --eval-eta are checked against the family's rule (ETA_RULES)."""
     family = model_family(args.model)
     for name, value in (FLOW_DEFAULTS if family == "flow" else {**SD_COMMON_DEFAULTS, **sd_defaults}).items():
         if getattr(args, name, False) is None:
             setattr(args, name, value)
-    if getattr(args, "eval_eta", False) is None:
-        args.eval_eta = args.eta
     for name, (requirement, ok) in ETA_RULES[family].items():
         if getattr(args, name, None) is not None and not ok(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")

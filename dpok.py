@@ -327,7 +327,8 @@ if __name__ == "__main__":
         for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
             with common.autocast(device, precision):
                 images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
-                                                  **dict(sample_kw, num_steps=num_steps, eta=args.eval_eta))
+                                                  **dict(sample_kw, num_steps=num_steps,
+                                                         eta=args.eta if args.eval_eta is None else args.eval_eta))
             means[num_steps] = rewards.mean().item()
             if num_steps == args.num_steps:  # the image grid is of the training step count
                 grid = common.image_grid(images, [f"{r:.3f} {p}" for p, r in zip(eval_prompts, rewards.tolist())])

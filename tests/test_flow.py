@@ -393,13 +393,14 @@ def test_the_training_gradient_detaches_the_unconditional_velocity_on_sd3_only(m
 def test_flow_grpos_evaluation_and_trained_steps_are_the_flow_defaults_and_sd_keeps_its_own(script):
     """Unset, SD 3.x evaluates with the deterministic sampler (--eval-eta 0) at the training count and Flow-GRPO's 40
     steps, and trains the first int(0.99 T) steps; SD 1.x evaluates its training sampler (--eval-eta = --eta) at 25
-    and 100 steps and trains all T in a random order, as before; a value given is kept."""
+    and 100 steps (--eval-eta unset: the scripts pass --eta) and trains all T in a random order, as before; a value
+    given is kept."""
     import importlib
 
     import tyro
 
     module = importlib.import_module(script)
-    for model, expected in [("tiny", dict(eval_eta=module.SD_DEFAULTS["eta"], eval_num_steps=(25, 100))),
+    for model, expected in [("tiny", dict(eval_eta=None, eval_num_steps=(25, 100))),
                             ("tiny-sd3", dict(eval_eta=0.0, eval_num_steps=(40,)))]:
         args = tyro.cli(module.Args, args=["--model", model])
         common.validate_args(args, module.SD_DEFAULTS)
@@ -411,7 +412,7 @@ def test_flow_grpos_evaluation_and_trained_steps_are_the_flow_defaults_and_sd_ke
         assert (args.eval_eta, args.eval_num_steps) == (0.3, ())
         args = tyro.cli(module.Args, args=["--model", model, "--eta", "0.5"])
         common.validate_args(args, module.SD_DEFAULTS)
-        assert args.eval_eta == (0.0 if model == "tiny-sd3" else 0.5)
+        assert args.eval_eta == (0.0 if model == "tiny-sd3" else None)  # None: the scripts evaluate with --eta
 
 
 def test_the_trained_steps_are_flow_grpos_first_ones_on_sd3_and_ddpos_random_subset_on_sd(sd3):
