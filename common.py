@@ -154,8 +154,6 @@ FLAG_RULES = {
     "lora_rank": ("an integer >= 0 (0 trains the whole UNet)", lambda v: v >= 0),
     "lora_alpha": ("a finite number > 0, or omitted for the rank", lambda v: v is None or (math.isfinite(v) and v > 0)),
     "num_steps": ("an integer in [1, 1000], Stable Diffusion's training timesteps", lambda v: 1 <= v <= 1000),
-    "eta": ("in (0, 1]: 0 is deterministic and has no log-probabilities; above 1 a step's variance exceeds DDPM's "
-            "and the mean's sqrt(1 - a' - sigma^2) turns NaN", lambda v: 0 < v <= 1),
     "guidance": ("a finite number", math.isfinite),
     "sample_batch_size": _SIZE, "num_batches_per_epoch": _SIZE, "train_batch_size": _SIZE,
     "gradient_accumulation_steps": _SIZE, "num_inner_epochs": _SIZE, "value_batch_size": _SIZE, "k": _SIZE,
@@ -168,14 +166,36 @@ FLAG_RULES = {
     "timestep_fraction": ("in (0, 1]", lambda v: 0 < v <= 1),
     "timesteps_per_call": ("an integer >= 1, or omitted for the device's default", lambda v: v is None or v >= 1),
     "beta": ("a finite number >= 0 (0 turns the KL term off)", lambda v: math.isfinite(v) and v >= 0),
+    "resolution": ("a positive multiple of 8 (pixels), or omitted for the model family's default",
+                   lambda v: v is None or (v > 0 and v % 8 == 0)),
+}
+# --eta and --eval-eta depend on the family (checked in `fill_family_defaults`): family -> flag -> (requirement, test).
+# DDIM's eta: above 1 a step's variance exceeds DDPM's and the mean's sqrt(1 - a' - sigma^2) turns NaN. Flow-GRPO's
+# noise level a: std_t = a sqrt(sigma / (1 - sigma)) is finite for any a (flow_grpo/diffusers_patch/
+# sd3_sde_with_logprob.py, line 47). 0 is deterministic, without log-probabilities: evaluation only.
+ETA_RULES = {
+    "sd": {"eta": ("in (0, 1]: 0 is deterministic and has no log-probabilities; above 1 a step's variance exceeds "
+                   "DDPM's and the mean's sqrt(1 - a' - sigma^2) turns NaN", lambda v: 0 < v <= 1),
+           "eval_eta": ("in [0, 1] on an SD 1.x/2.x model (DDIM's eta; 0 evaluates the deterministic sampler)",
+                        lambda v: 0 <= v <= 1)},
+    "flow": {"eta": ("a finite number > 0 on an SD 3.x model (Flow-GRPO's noise level a; 0 is the ODE, which has no "
+                     "log-probabilities)", lambda v: math.isfinite(v) and v > 0),
+             "eval_eta": ("a finite number >= 0 on an SD 3.x model (0 evaluates the ODE, as Flow-GRPO)",
+                          lambda v: math.isfinite(v) and v >= 0)},
 }
 
 
 # The sampling flags a script leaves unset take its model family's defaults: on SD 1.x/2.x the script's own (its
-# paper's, `SD_DEFAULTS` at the top of each script); on SD 3.x Flow-GRPO's SD 3.5 configs (config/grpo.py, e.g.
-# geneval_sd3 and pickscore_sd3: 10 steps, guidance 4.5, noise level 0.7): no method here has a flow source of its
-# own. (Flow-GRPO's learning rate 3e-4 and clip range 1e-4 are DDPO's, which PPO and LOOP already use.)
-FLOW_DEFAULTS = dict(num_steps=10, guidance=4.5, eta=0.7)
+# paper's, `SD_DEFAULTS` at the top of each script, over SD_COMMON_DEFAULTS); on SD 3.x Flow-GRPO's SD 3.5 configs
+# (yifan123/flow_grpo config/grpo.py, geneval_sd3 and pickscore_sd3: 10 steps, guidance 4.5, evaluation at 40 steps,
+# timestep_fraction 0.99; config/base.py: noise level 0.7; its evaluation samples with noise level 0,
+# scripts/train_sd3.py line 258): no method here has a flow source of its own. (Flow-GRPO's learning rate 3e-4 and
+# clip range 1e-4 are DDPO's, which PPO and LOOP already use.) An unset --eval-eta on SD 1.x/2.x stays unset: the
+# evaluation samples with --eta, as it always has (and a checkpoint of an earlier version resumes unchanged). docs/flow.md has the table with every line.
+FLOW_DEFAULTS = dict(num_steps=10, guidance=4.5, eta=0.7, timestep_fraction=0.99, eval_eta=0.0, eval_num_steps=(40,))
+SD_COMMON_DEFAULTS = dict(timestep_fraction=1.0, eval_num_steps=(25, 100))
+# Flow-GRPO's SD 3.5 resolution (config/grpo.py: `config.resolution = 512` in geneval_sd3 and pickscore_sd3)
+FLOW_RESOLUTION = 512
 
 
 def model_family(model: str) -> str:
@@ -196,11 +216,17 @@ def model_family(model: str) -> str:
 
 
 def fill_family_defaults(args, sd_defaults: dict):
-    """Set the sampling flags left unset (None) to the loaded model family's values: `sd_defaults` on SD 1.x/2.x,
-    FLOW_DEFAULTS on SD 3.x; a value given on the command line is kept."""
-    for name, value in (FLOW_DEFAULTS if model_family(args.model) == "flow" else sd_defaults).items():
+    """Set the sampling flags left unset (None) to the loaded model family's values: `sd_defaults` (over
+    SD_COMMON_DEFAULTS) on SD 1.x/2.x, FLOW_DEFAULTS on SD 3.x; a value given on the command line is kept. An unset
+    --eval-eta stays unset on SD 1.x/2.x (the scripts then evaluate with --eta, as they always have). Then --eta and
+    --eval-eta are checked against the family's rule (ETA_RULES)."""
+    family = model_family(args.model)
+    for name, value in (FLOW_DEFAULTS if family == "flow" else {**SD_COMMON_DEFAULTS, **sd_defaults}).items():
         if getattr(args, name, False) is None:
             setattr(args, name, value)
+    for name, (requirement, ok) in ETA_RULES[family].items():
+        if getattr(args, name, None) is not None and not ok(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
 
 
 def validate_args(args, sd_defaults: Optional[dict] = None):
@@ -328,6 +354,7 @@ def load_pipeline(
     compile: bool = False,
     seed: int = 0,
     channels_last: bool = False,
+    resolution: Optional[int] = None,
 ):
     """Load Stable Diffusion for RL fine-tuning and make its UNet trainable.
 
@@ -344,6 +371,9 @@ def load_pipeline(
     An SD 3.x model (a StableDiffusion3Pipeline folder or hub id, or `tiny-sd3`) loads the same way with its
     transformer in the UNet's place (`denoiser`), its three text encoders frozen (T5 may be absent) and its flow
     scheduler kept; `lora_targets` (default: the UNet's attention projections, or for SD3 `FLOW_LORA_TARGETS`).
+
+    `resolution`: the images' side in pixels that `sample` and `evaluate` draw (`latent_side`); None: the family's
+    default (`latent_size`). A size the model cannot take stops here, in one line.
     """
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
@@ -387,6 +417,7 @@ def load_pipeline(
     dtype = DTYPES[mixed_precision]
     pipe.set_progress_bar_config(disable=True)
     unet = denoiser(pipe)
+    pipe.rl_latent_size = latent_size(unet.config, vae_scale(pipe.vae.config), is_flow(pipe), resolution)
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
     for frozen in [pipe.vae, *filter(None, encoders)] + ([unet] if lora_rank > 0 else []):
         frozen.requires_grad_(False).to(device)
@@ -407,6 +438,38 @@ def load_pipeline(
         pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device)
         pipe.scheduler.final_alpha_cumprod = pipe.scheduler.final_alpha_cumprod.to(device)
     return pipe
+
+
+def vae_scale(vae_config) -> int:
+    """Pixels per latent cell: 2 per downsampling block of the VAE's encoder (8 for SD 1.x, 2.x and 3.x)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def latent_size(net_config, scale: int, flow: bool, resolution: Optional[int] = None) -> int:
+    """The latent's side for images of `resolution` pixels, from the denoiser's config and the VAE's `scale` alone (no
+    weights). None: on SD 1.x/2.x the model's native size (`sample_size` x scale: 512 px for SD 1.5, 768 for SD
+    2.1-768); on SD 3.x Flow-GRPO's FLOW_RESOLUTION, 512 px (SD 3.5's native size is 1024), or the native size where
+    that is smaller (the small offline and shapes models). The resolution must be a multiple of the scale times the
+    transformer's patch size (SD 3.x: 8 x 2 = 16), and within its position embeddings: otherwise one line."""
+    native = net_config.sample_size * scale
+    if resolution is None:
+        resolution = min(FLOW_RESOLUTION, native) if flow else native
+    multiple = scale * (net_config.patch_size if flow else 1)
+    if resolution % multiple:
+        patch = f" x its patch size {net_config.patch_size}" if flow else ""
+        fail(f"--resolution {resolution}: this model's images must be a multiple of {multiple} pixels (its VAE's "
+             f"{scale}{patch}); use {resolution // multiple * multiple or multiple}")
+    largest = getattr(net_config, "pos_embed_max_size", None) if flow else None
+    if largest and resolution // multiple > largest:
+        fail(f"--resolution {resolution}: this model's position embeddings reach {largest * multiple} pixels at most")
+    return resolution // scale
+
+
+def latent_side(pipe) -> int:
+    """The side of the latents `sample` and `evaluate` draw: the resolution `load_pipeline` was given, else the
+    family's default (`latent_size`)."""
+    size = getattr(pipe, "rl_latent_size", None)
+    return size or latent_size(denoiser(pipe).config, vae_scale(pipe.vae.config), is_flow(pipe))
 
 
 def denoiser(pipe) -> torch.nn.Module:
@@ -593,10 +656,23 @@ def timesteps_per_call(flag: Optional[int], num_train_timesteps: int, device) ->
     return flag or (num_train_timesteps if torch.device(device).type == "cpu" else 1)
 
 
+def trained_steps(pipe, n: int, num_steps: int, num_train: int, generator, device) -> torch.Tensor:
+    """(n, num_train): the step indices each of n trajectories trains on. SD 1.x/2.x: a random permutation of its T
+    steps per trajectory, cut to the first num_train (DDPO: ddpo-pytorch scripts/train.py line 460, "shuffle along time
+    dimension independently for each sample"), drawn from `generator`. SD 3.x: the first num_train steps in order,
+    the same for every trajectory (Flow-GRPO: scripts/train_sd3.py line 864, `range(num_train_timesteps)`), so that
+    with its timestep_fraction 0.99 the last step, the narrowest Gaussian, is never trained; nothing is drawn."""
+    if is_flow(pipe):
+        return torch.arange(num_train, device=device).expand(n, -1)
+    return torch.argsort(torch.rand(n, num_steps, generator=generator, device=device), dim=1)[:, :num_train]
+
+
 def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_steps, guidance, eta):
     """The training path: log pi_theta(x_{t'} | x_t, c) of STORED transitions under the current weights.
 
-    Same guided eps and same w as sampling (DDPO: training without CFG degrades quickly).
+    Same guided eps and same w as sampling (DDPO: training without CFG degrades quickly). On SD 1.x/2.x the gradient
+    flows through both halves of the guidance, as ddpo-pytorch's (scripts/train.py, lines 516-520); on SD 3.x through
+    the conditional half alone, as Flow-GRPO's (`guided_velocity`'s `detach_uncond`); the value is the same.
     Returns (log_prob (B,), eps_hat (B, C, h, w)) so that methods with a KL term can reuse eps_hat (converted
     from v_hat for a v-prediction model).
 
@@ -613,7 +689,8 @@ def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_ste
                                       guidance=guidance, eta=eta)
         return log_prob.view(b, n), eps.view(b, n, *eps.shape[1:])
     if is_flow(pipe):  # Flow-GRPO's SDE step: t is sigma x 1000; the second element is v_hat, not eps_hat
-        v = guided_velocity(pipe.transformer, latents, t, embeds, neg_embeds, guidance)
+        # with Flow-GRPO's gradient: the unconditional velocity detached (`guided_velocity`); SD 1.x keeps both halves'
+        v = guided_velocity(pipe.transformer, latents, t, embeds, neg_embeds, guidance, detach_uncond=True)
         sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, len(v), num_steps, latents.device)
         _, log_prob, _ = flow_step(v, latents, sigma, sigma_next, sigma_1, noise_level=eta, prev_sample=next_latents)
         return log_prob, v
@@ -673,7 +750,7 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
     unet, scheduler, device = pipe.unet, pipe.scheduler, embeds.device
     if num_steps > scheduler.config.num_train_timesteps:
         fail(f"{num_steps} sampling steps: the model has only {scheduler.config.num_train_timesteps} training timesteps")
-    b, c, h = embeds.shape[0], unet.config.in_channels, unet.config.sample_size
+    b, c, h = embeds.shape[0], unet.config.in_channels, latent_side(pipe)
     noise = draw_noise((b, num_steps + 1, c, h, h), generator, device)  # (B, T+1, C, h, w)
     scheduler.set_timesteps(num_steps, device=device)
     x = (noise[:, 0] if latents is None else latents.float()) * scheduler.init_noise_sigma
@@ -700,7 +777,7 @@ def evaluate(pipe, prompts: Sequence[str], reward_fn, neg_embeds, *, num_steps: 
     """Fixed prompts and fixed noise (independent of the epoch): comparable images and rewards over training."""
     embeds = encode_prompts(pipe, prompts)
     gens = sample_generators(seed, -1, range(len(prompts)), embeds.device)
-    c, h = denoiser(pipe).config.in_channels, denoiser(pipe).config.sample_size
+    c, h = denoiser(pipe).config.in_channels, latent_side(pipe)
     x_T = draw_noise((len(prompts), c, h, h), gens, embeds.device)  # its own draw: the same x_T for any step count
     traj = sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, eta=eta, generator=gens, latents=x_T)
     return traj.images, reward_fn(traj.images, list(prompts))
@@ -799,12 +876,13 @@ def encode_flow_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def t5_tokens(pipe) -> int:
-    """Rows of the T5 slot in SD3's conditioning: the pipeline's default 256 with a T5 encoder; without one, diffusers
-    fills the slot with `max_sequence_length` zero rows (256 by default), and here it holds as many as the CLIP tokens
+    """Rows of the T5 slot in SD3's conditioning: 128 with a T5 encoder, Flow-GRPO's `max_sequence_length`
+    (yifan123/flow_grpo scripts/train_sd3.py, lines 220, 238, 540 and 625; the pipeline's default is 256); without
+    one, diffusers fills the slot with `max_sequence_length` zero rows, and here it holds as many as the CLIP tokens
     (`tokenizer_max_length`: 77 for SD 3.5, 16 for the flow shapes model), which carry no prompt and would otherwise
     be most of the transformer's tokens. `StableDiffusion3Pipeline(..., max_sequence_length=t5_tokens(pipe))` gives
     the same images (docs/flow.md)."""
-    return 256 if pipe.text_encoder_3 is not None else pipe.tokenizer_max_length
+    return 128 if pipe.text_encoder_3 is not None else pipe.tokenizer_max_length
 
 
 def unpack_flow_embeds(transformer, packed: torch.Tensor) -> tuple:
@@ -812,9 +890,12 @@ def unpack_flow_embeds(transformer, packed: torch.Tensor) -> tuple:
     return packed[:, :-1], packed[:, -1, :transformer.config.pooled_projection_dim]
 
 
-def guided_velocity(transformer, latents, t, embeds, neg_embeds, guidance: float) -> torch.Tensor:
+def guided_velocity(transformer, latents, t, embeds, neg_embeds, guidance: float, detach_uncond: bool = False):
     """v_hat = v(x, t, 0) + w (v(x, t, c) - v(x, t, 0)) in ONE transformer call, as StableDiffusion3Pipeline guides
-    (w = 1: one conditional call). `t` is the scheduler's timestep, sigma x 1000, a scalar or (B,). float32."""
+    (w = 1: one conditional call). `t` is the scheduler's timestep, sigma x 1000, a scalar or (B,). float32.
+    `detach_uncond`: v(x, t, 0) enters as a constant, v_hat = sg(v_u) + w (v_c - sg(v_u)): the same value, but the
+    gradient flows through the conditional half alone, w times, as Flow-GRPO's training step computes it
+    (yifan123/flow_grpo scripts/train_sd3.py, `compute_log_prob`, line 190); `step_log_prob` does so."""
     b = latents.shape[0]
     t = torch.as_tensor(t, device=latents.device).expand(b)
     both = cfg_embeds(embeds, neg_embeds, guidance)
@@ -825,6 +906,8 @@ def guided_velocity(transformer, latents, t, embeds, neg_embeds, guidance: float
     if guidance == 1.0:
         return v
     v_uncond, v_cond = v.chunk(2)
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
@@ -897,7 +980,7 @@ def flow_sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, no
     log-probability (and on request x0_hat = x_t - sigma v_hat at every step). All noise drawn up front (x_1 and one z
     per step); `latents` overrides x_1."""
     transformer, device = pipe.transformer, embeds.device
-    b, c, h = embeds.shape[0], transformer.config.in_channels, transformer.config.sample_size
+    b, c, h = embeds.shape[0], transformer.config.in_channels, latent_side(pipe)
     noise = draw_noise((b, num_steps + 1, c, h, h), generator, device)
     sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
     x = noise[:, 0] if latents is None else latents.float()

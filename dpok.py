@@ -50,8 +50,12 @@ class Args:
     """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
     image_every: int = 50  # DPOK
     """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
-    eval_num_steps: tuple[int, ...] = (25, 100)
-    """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation)"""
+    eval_num_steps: Optional[tuple[int, ...]] = None
+    """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation;
+    unset: 25 and 100 on SD 1.x/2.x, Flow-GRPO's 40 on SD 3.x; given with no value: only --num-steps)"""
+    eval_eta: Optional[float] = None
+    """the evaluation sampler's --eta (unset: --eta itself on SD 1.x/2.x, the training sampler; 0 on SD 3.x, the
+    deterministic ODE, as Flow-GRPO evaluates; give --eta's value to evaluate SD 3.x's training sampler instead)"""
     resume: Optional[str] = None
     """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
     fork: bool = False
@@ -84,6 +88,10 @@ class Args:
     noise level a of Flow-GRPO's SDE (docs/flow.md). Unset: SD_DEFAULTS above on SD 1.x/2.x, 0.7 on SD 3.x"""
     guidance: Optional[float] = None
     """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on SD 3.x)"""
+    resolution: Optional[int] = None
+    """image side in pixels for sampling and evaluation, a multiple of the VAE's 8 (times the patch size, 2, on SD 3.x)
+    (unset: the model's native size on SD 1.x/2.x, e.g. 512 for SD 1.5; on SD 3.x Flow-GRPO's 512, or the native size
+    where smaller)"""
     sample_batch_size: int = 10  # DPOK
     """images per sampling call per process"""
     num_batches_per_epoch: int = 1  # DPOK
@@ -283,7 +291,7 @@ if __name__ == "__main__":
                                      args.reward)  # the prompts are checked against the reward before it loads
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
-                                compile=args.compile, seed=args.seed)
+                                compile=args.compile, seed=args.seed, resolution=args.resolution)
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
@@ -291,7 +299,7 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
-    latent_dim = denoiser.config.in_channels * denoiser.config.sample_size**2  # DPOK
+    latent_dim = denoiser.config.in_channels * common.latent_side(pipe) ** 2  # DPOK: at --resolution
     torch.manual_seed(args.seed)  # DPOK: V_phi starts the same on every process
     value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)  # DPOK: float32
     value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)  # DPOK
@@ -319,7 +327,8 @@ if __name__ == "__main__":
         for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
             with common.autocast(device, precision):
                 images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
-                                                  **dict(sample_kw, num_steps=num_steps))
+                                                  **dict(sample_kw, num_steps=num_steps,
+                                                         eta=args.eta if args.eval_eta is None else args.eval_eta))
             means[num_steps] = rewards.mean().item()
             if num_steps == args.num_steps:  # the image grid is of the training step count
                 grid = common.image_grid(images, [f"{r:.3f} {p}" for p, r in zip(eval_prompts, rewards.tolist())])

@@ -44,8 +44,12 @@ class Args:
     """save a checkpoint every this many epochs (and at the end); 0 saves only at the end"""
     image_every: int = 10
     """log an image grid of fixed evaluation prompts every this many epochs (and before and after training)"""
-    eval_num_steps: tuple[int, ...] = (25, 100)
-    """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation)"""
+    eval_num_steps: Optional[tuple[int, ...]] = None
+    """step counts evaluated besides --num-steps, with the same prompts and noise (robustness to the discretisation;
+    unset: 25 and 100 on SD 1.x/2.x, Flow-GRPO's 40 on SD 3.x; given with no value: only --num-steps)"""
+    eval_eta: Optional[float] = None
+    """the evaluation sampler's --eta (unset: --eta itself on SD 1.x/2.x, the training sampler; 0 on SD 3.x, the
+    deterministic ODE, as Flow-GRPO evaluates; give --eta's value to evaluate SD 3.x's training sampler instead)"""
     resume: Optional[str] = None
     """a checkpoint folder, or a run folder to resume from its newest checkpoint"""
     fork: bool = False
@@ -78,6 +82,10 @@ class Args:
     noise level a of Flow-GRPO's SDE (docs/flow.md). Unset: SD_DEFAULTS above on SD 1.x/2.x, 0.7 on SD 3.x"""
     guidance: Optional[float] = None
     """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on SD 3.x)"""
+    resolution: Optional[int] = None
+    """image side in pixels for sampling and evaluation, a multiple of the VAE's 8 (times the patch size, 2, on SD 3.x)
+    (unset: the model's native size on SD 1.x/2.x, e.g. 512 for SD 1.5; on SD 3.x Flow-GRPO's 512, or the native size
+    where smaller)"""
     sample_batch_size: int = 8
     """images per sampling call per process"""
     num_batches_per_epoch: int = 4
@@ -115,8 +123,9 @@ class Args:
     """minibatches per optimiser step (each contributes all its trained timesteps)"""
     num_inner_epochs: int = 1
     """passes over each epoch's samples"""
-    timestep_fraction: float = 1.0
-    """train on this fraction of each trajectory's steps (a random subset per trajectory)"""
+    timestep_fraction: Optional[float] = None
+    """train on this fraction of each trajectory's steps: on SD 1.x/2.x a random subset per trajectory (DDPO; unset: 1);
+    on SD 3.x the first int(fraction x T) steps, as Flow-GRPO (unset: its 0.99, so the last step is not trained)"""
     timesteps_per_call: Optional[int] = None
     """trained timesteps of each trajectory evaluated in one UNet call (default: all on a CPU, where one large call is
     faster; 1 on a GPU, the reference's loop and memory); any value gives the same gradient up to float rounding"""
@@ -179,7 +188,7 @@ if __name__ == "__main__":
                                      args.reward)  # the prompts are checked against the reward before it loads
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
-                                compile=args.compile, seed=args.seed)
+                                compile=args.compile, seed=args.seed, resolution=args.resolution)
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
@@ -206,7 +215,8 @@ if __name__ == "__main__":
         for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
             with common.autocast(device, precision):
                 images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
-                                                  **dict(sample_kw, num_steps=num_steps))
+                                                  **dict(sample_kw, num_steps=num_steps,
+                                                         eta=args.eta if args.eval_eta is None else args.eval_eta))
             means[num_steps] = rewards.mean().item()
             if num_steps == args.num_steps:  # the image grid is of the training step count
                 grid = common.image_grid(images, [f"{r:.3f} {p}" for p, r in zip(eval_prompts, rewards.tolist())])
@@ -263,9 +273,8 @@ if __name__ == "__main__":
         for inner in range(args.num_inner_epochs):
             g = common.generator(device, args.seed, epoch, common.SHUFFLE, inner, dist.rank)
             perm = torch.randperm(samples_per_process, generator=g, device=device)
-            # each trajectory trains on its own random order (and subset) of timesteps
-            step_perm = torch.argsort(torch.rand(samples_per_process, args.num_steps, generator=g, device=device), dim=1)
-            step_perm = step_perm[:, :num_train_timesteps]  # (N, T_train) step indices
+            # (N, T_train) step indices: each trajectory's own random subset (SD 1.x/2.x), or the first ones (SD 3.x)
+            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps, num_train_timesteps, g, device)
             for m in common.progress(range(minibatches), enabled=main, desc="training", leave=False):
                 idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
                 steps = step_perm[idx]  # (b, T_train)

@@ -169,6 +169,18 @@ def test_the_scripts_train_on_a_flow_model(script, tmp_path):
     assert weights and all(k.startswith("transformer.transformer_blocks.") for k in weights)
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k) > 0  # B starts at 0
+    if script == "loop":  # the evaluation before training is Flow-GRPO's: the deterministic sampler (noise level 0)
+        import rewards
+
+        pipe = common.load_pipeline(common.TINY_SD3, lora_rank=4)
+        prompts, neg = common.load_eval_prompts("colors"), common.encode_prompts(pipe, [""])
+        reward = rewards.make("color", "cpu", None, prompts)
+        means = [common.evaluate(pipe, prompts, reward, neg, num_steps=steps, guidance=4.5, eta=eta, seed=42)[1].mean()
+                 for steps in (2, 3) for eta in (0.0, 0.7)]
+        logged = [logged[f"eval/reward_mean_{steps}steps"][0][1] for steps in (2, 3)]
+        assert logged == pytest.approx([means[0].item(), means[2].item()], rel=1e-5), (logged, means)
+        # not the training sampler's (a = 0.7): 3e-4 and 5e-4 apart, relative, on this random model (measured)
+        assert logged != pytest.approx([means[1].item(), means[3].item()], rel=1e-5)
 
 
 @pytest.mark.parametrize("script", ["ppo", "dpok", "score_as_action"])
@@ -286,3 +298,164 @@ def test_dpoks_flow_kl_is_the_exact_gaussian_kl_of_the_two_steps_and_pulls_towar
         loss.backward()
         optimizer.step()
     assert kl_term()[0].mean().item() < 0.8 * before  # 0.52 measured after 3 steps
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD 3.x as Flow-GRPO runs it: resolution, the guidance gradient, the evaluation, the trained steps, the noise level
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_the_default_resolution_is_flow_grpos_512_on_sd35_medium_and_the_native_size_on_sd():
+    """The latent side from the configs alone (no weights): SD 3.5 Medium (1024 px native) samples at Flow-GRPO's
+    512 px, a 64 x 64 latent, unless told otherwise; SD 1.5 and SD 2.1-768 at their native 512 and 768 px; the small
+    flow models, whose native size is below 512, at their own. A size that is not a multiple of the VAE's scale
+    times the patch size, or beyond the position embeddings, stops in one line."""
+    from types import SimpleNamespace
+
+    sd35m = SimpleNamespace(**common.SD35M_TRANSFORMER)
+    assert common.latent_size(sd35m, 8, True) == 64 and common.latent_size(sd35m, 8, True, 1024) == 128
+    assert common.latent_size(SimpleNamespace(sample_size=64), 8, False) == 64  # SD 1.5: 512 px
+    assert common.latent_size(SimpleNamespace(sample_size=96), 8, False) == 96  # SD 2.1-768: 768 px
+    assert common.latent_size(SimpleNamespace(sample_size=96), 8, False, 512) == 64
+    tiny = SimpleNamespace(sample_size=8, patch_size=2, pos_embed_max_size=8)  # tiny-sd3: 16 px native
+    assert common.latent_size(tiny, 2, True) == 8 and common.latent_size(tiny, 2, True, 32) == 16
+    for bad, message in [(520, "a multiple of 16 pixels"), (6160, "reach 6144 pixels at most")]:
+        with pytest.raises(SystemExit) as e:
+            common.latent_size(sd35m, 8, True, bad)
+        assert str(e.value).startswith(f"error: --resolution {bad}: ") and message in str(e.value), str(e.value)
+    with torch.device("meta"):  # the model itself, built without memory: the sampler's latent side
+        pipe = common._offline_sd3(common.SD35M_RANDOM)
+    assert common.latent_side(pipe) == 64
+
+
+def test_the_sampler_and_the_evaluation_draw_latents_at_the_resolution(sd3):
+    """--resolution reaches the sampler and the fixed-prompt evaluation through load_pipeline: tiny-sd3 at 32 px
+    draws 16 x 16 latents and decodes 32 x 32 images; by default its native 8 x 8 (16 px)."""
+    embeds, neg = common.encode_flow_prompts(sd3, ["a red circle"] * 2), common.encode_flow_prompts(sd3, [""])
+    assert common.sample(sd3, embeds, neg, num_steps=2, guidance=4.5, eta=0.7, decode=False).latents.shape[-1] == 8
+    pipe = common.load_pipeline(common.TINY_SD3, lora_rank=4, resolution=32)
+    traj = common.sample(pipe, embeds, neg, num_steps=2, guidance=4.5, eta=0.7)
+    assert traj.latents.shape[-2:] == (16, 16) and traj.images.shape[-2:] == (32, 32)
+    images, _ = common.evaluate(pipe, ["a red circle"], lambda im, p: im.mean(dim=(1, 2, 3)), neg, num_steps=2,
+                                guidance=4.5, eta=0.0, seed=0)
+    assert images.shape[-2:] == (32, 32)
+
+
+def _grads(pipe, loss_fn):
+    params = common.trainable_parameters(common.denoiser(pipe))
+    for p in params:
+        p.grad = None
+    loss_fn().backward()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize("model", [common.TINY_SD3, common.TINY])
+def test_the_training_gradient_detaches_the_unconditional_velocity_on_sd3_only(model):
+    """step_log_prob's gradient on SD 3.x is that of sg(v_u) + w (v_c - sg(v_u)), computed here by hand from two
+    separate transformer calls (Flow-GRPO's training step), and not that of v_u + w (v_c - v_u), though the values
+    are the same; on SD 1.x it is the latter (ddpo-pytorch's). Tolerance: NETWORK_RTOL, the same gradient in other
+    batch shapes (measured: 2e-6 on tiny-sd3, 4e-5 on tiny); the two forms' gradients differ by several times their
+    norm (measured: 5.2 on tiny-sd3, whose gradient through both halves is 0.17 times the detached one's, cosine 0.81;
+    3.0 on tiny)."""
+    flow, w = model == common.TINY_SD3, 5.0
+    pipe = common.load_pipeline(model, lora_rank=4)
+    with torch.no_grad():
+        for i, p in enumerate(common.trainable_parameters(common.denoiser(pipe))):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+    embeds, neg = common.encode_prompts(pipe, ["a red image", "a blue image"]), common.encode_prompts(pipe, [""])
+    traj = common.sample(pipe, embeds, neg, num_steps=3, guidance=w, eta=0.7, decode=False,
+                         generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    x, x_next, t = traj.latents[:, 1], traj.latents[:, 2], traj.timesteps[1]
+    kw = dict(num_steps=3, guidance=w, eta=0.7)
+
+    def by_hand(detach: bool):
+        def loss():
+            if flow:
+                v_c, v_u = (common.guided_velocity(pipe.transformer, x, t, e, neg, 1.0)
+                            for e in (embeds, neg.expand(2, -1, -1)))
+            else:
+                v_c, v_u = (common.guided_noise(pipe.unet, x, t, e, neg, 1.0) for e in (embeds, neg.expand(2, -1, -1)))
+            v_u = v_u.detach() if detach else v_u
+            guided = v_u + w * (v_c - v_u)
+            if flow:
+                sigma, sigma_next, sigma_1 = common.flow_step_sigmas(pipe, t, 2, 3, "cpu")
+                return common.flow_step(guided, x, sigma, sigma_next, sigma_1, noise_level=0.7, prev_sample=x_next)[1].sum()
+            return common.ddim_step(pipe.scheduler, guided, t, x, num_steps=3, eta=0.7, prev_sample=x_next)[1].sum()
+        return _grads(pipe, loss)
+
+    ours = _grads(pipe, lambda: common.step_log_prob(pipe, x, x_next, t, embeds, neg, **kw)[0].sum())
+    detached, through_both = by_hand(True), by_hand(False)
+    assert_close_normwise(ours, detached if flow else through_both)
+    assert (detached - through_both).norm() > 0.5 * through_both.norm()  # the two forms do differ here
+
+
+@pytest.mark.parametrize("script", ["ppo", "dpok", "score_as_action"])
+def test_flow_grpos_evaluation_and_trained_steps_are_the_flow_defaults_and_sd_keeps_its_own(script):
+    """Unset, SD 3.x evaluates with the deterministic sampler (--eval-eta 0) at the training count and Flow-GRPO's 40
+    steps, and trains the first int(0.99 T) steps; SD 1.x evaluates its training sampler (--eval-eta = --eta) at 25
+    and 100 steps (--eval-eta unset: the scripts pass --eta) and trains all T in a random order, as before; a value
+    given is kept."""
+    import importlib
+
+    import tyro
+
+    module = importlib.import_module(script)
+    for model, expected in [("tiny", dict(eval_eta=None, eval_num_steps=(25, 100))),
+                            ("tiny-sd3", dict(eval_eta=0.0, eval_num_steps=(40,)))]:
+        args = tyro.cli(module.Args, args=["--model", model])
+        common.validate_args(args, module.SD_DEFAULTS)
+        assert {k: getattr(args, k) for k in expected} == expected, model
+        if hasattr(args, "timestep_fraction"):
+            assert args.timestep_fraction == (0.99 if model == "tiny-sd3" else 1.0)
+        args = tyro.cli(module.Args, args=["--model", model, "--eta", "0.5", "--eval-num-steps", "--eval-eta", "0.3"])
+        common.validate_args(args, module.SD_DEFAULTS)
+        assert (args.eval_eta, args.eval_num_steps) == (0.3, ())
+        args = tyro.cli(module.Args, args=["--model", model, "--eta", "0.5"])
+        common.validate_args(args, module.SD_DEFAULTS)
+        assert args.eval_eta == (0.0 if model == "tiny-sd3" else None)  # None: the scripts evaluate with --eta
+
+
+def test_the_trained_steps_are_flow_grpos_first_ones_on_sd3_and_ddpos_random_subset_on_sd(sd3):
+    """SD 3.x trains the first int(fraction x T) steps of every trajectory in order (Flow-GRPO: with 0.99 of 10
+    steps, steps 0-8, never the last); SD 1.x a random subset in a random order per trajectory, the same draw as
+    before from the same generator."""
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(common.trained_steps(sd3, 5, 10, int(10 * 0.99), g, "cpu"), torch.arange(9).expand(5, -1))
+    sd = common._offline_pipeline(common.TINY)
+    steps = common.trained_steps(sd, 5, 10, 6, torch.Generator().manual_seed(3), "cpu")
+    expected = torch.argsort(torch.rand(5, 10, generator=torch.Generator().manual_seed(3)), dim=1)[:, :6]
+    assert torch.equal(steps, expected) and len({tuple(r) for r in steps.tolist()}) > 1
+
+
+@pytest.mark.parametrize("model,argv,message", [
+    ("tiny", ["--eta", "1.5"], "--eta 1.5: must be in (0, 1]"),
+    ("tiny", ["--eval-eta", "1.5"], "--eval-eta 1.5: must be in [0, 1] on an SD 1.x/2.x model"),
+    ("tiny-sd3", ["--eta", "0"], "--eta 0.0: must be a finite number > 0 on an SD 3.x model"),
+    ("tiny-sd3", ["--eta", "inf"], "--eta inf: must be a finite number > 0 on an SD 3.x model"),
+    ("tiny-sd3", ["--eval-eta", "-0.1"], "--eval-eta -0.1: must be a finite number >= 0 on an SD 3.x model"),
+    ("tiny-sd3", ["--resolution", "100"], "--resolution 100: must be a positive multiple of 8"),
+    ("tiny", ["--resolution", "0"], "--resolution 0: must be a positive multiple of 8"),
+])
+def test_each_family_has_its_own_noise_level_rule_and_a_bad_resolution_stops_before_loading(model, argv, message):
+    """DDIM's eta is refused above 1 (its variance exceeds DDPM's) on SD 1.x; Flow-GRPO's noise level is any finite
+    a > 0 on SD 3.x, and 0 only for the evaluation; each in one line, before any weights load."""
+    import tyro
+
+    import loop
+
+    args = tyro.cli(loop.Args, args=["--model", model, *argv])
+    with pytest.raises(SystemExit) as e:
+        common.validate_args(args, loop.SD_DEFAULTS)
+    assert str(e.value).startswith(f"error: {message}") and "\n" not in str(e.value), str(e.value)
+    args = tyro.cli(loop.Args, args=["--model", "tiny-sd3", "--eta", "1.5"])  # above DDIM's 1: finite, allowed
+    common.validate_args(args, loop.SD_DEFAULTS)
+    assert args.eta == 1.5
+
+
+def test_t5_is_given_flow_grpos_128_tokens():
+    """With a T5 encoder the T5 slot holds 128 tokens (Flow-GRPO's max_sequence_length), without one as many zero
+    rows as the CLIP tokens."""
+    from types import SimpleNamespace
+
+    assert common.t5_tokens(SimpleNamespace(text_encoder_3=torch.nn.Identity(), tokenizer_max_length=77)) == 128
+    assert common.t5_tokens(SimpleNamespace(text_encoder_3=None, tokenizer_max_length=77)) == 77

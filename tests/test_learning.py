@@ -91,7 +91,9 @@ def test_the_commands_carry_the_calibrated_changes(tmp_path):
 # README demo's shape of epoch (32 images, K = 8, two optimiser steps of 16) for 20 epochs (640 images) at learning
 # rate 3e-3 and clip 1e-2. At 16 images an epoch (K = 4) seed 1 did not move in 20 or 40 epochs (docs/world.md).
 # Worst mean gain over the pairs of seeds 1-3 (docs/world.md): 0.332 (seeds 1 and 2: +0.338 and +0.326; seed 3:
-# +0.396). The margin is at most half of it.
+# +0.396), measured before the flow path followed Flow-GRPO's training and evaluation (detached unconditional
+# velocity, the first 9 of 10 steps trained, evaluation with the ODE); after it seed 1 gains +0.366 (seeds 2 and 3
+# not yet re-measured). The margin is at most half of each.
 FLOW_MARGIN = 0.15
 
 
