@@ -6,7 +6,7 @@ the rewards (which live in rewards.py), prompt sets, image grids, logging, torch
 one-line report of what a user can cause. Run folders, checkpoints and resume live in runs.py.
 
 Nothing here asks which algorithm is running: advantages, losses, optimisers and the epoch loop live
-in the scripts. The notation follows ALGORITHMS.md section 0 (Black et al. 2023, arXiv 2305.13301):
+in the scripts. The notation follows Black et al. 2023 (DDPO, arXiv 2305.13301):
 denoising is an MDP whose action at timestep t is x_{t'} (t' the previous timestep on the inference
 grid) and whose policy is the Gaussian of one DDIM(eta) step.
 """
@@ -619,7 +619,7 @@ def predicted_eps(scheduler, model_output, t, latents):
 
 
 def ddim_step(scheduler, model_output, t, latents, *, num_steps: int, eta: float, prev_sample=None, noise=None):
-    """One DDIM(eta) step x_t -> x_{t'} with its log-probability (ALGORITHMS.md section 0, steps 2-6).
+    """One DDIM(eta) step x_t -> x_{t'} with its log-probability (DDPO's DDIM policy; docs/ppo.md).
 
     model_output is the guided UNet output: eps_hat, or v_hat for a v-prediction scheduler (converted first).
     x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                       (no clipping: latents)
@@ -795,7 +795,7 @@ def decode_latents(pipe, latents) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Flow matching (SD 3.x): Flow-GRPO's SDE step with its log-probability (issue 24)
+# Flow matching (SD 3.x): Flow-GRPO's SDE step with its log-probability (docs/flow.md)
 # ----------------------------------------------------------------------------------------------------
 
 TINY_SD3 = "tiny-sd3"  # a random SD3-class model (MMDiT, two CLIP encoders, no T5): tests of the flow path

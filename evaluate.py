@@ -61,6 +61,8 @@ class Args:
     """classifier-free guidance scale (default: the run's --guidance)"""
     eta: Optional[float] = None
     """DDIM eta, or on an SD 3.x model the noise level of Flow-GRPO's SDE (default: the run's --eta)"""
+    resolution: Optional[int] = None
+    """image side in pixels (default: the run's --resolution, else the model family's default)"""
     batch_size: int = 8
     """images per sampling call and per reward call"""
     grid_prompts: int = 2
@@ -209,15 +211,17 @@ def sampler(args: Args, record: dict) -> dict:
     for name in SAMPLER:
         flag = "--" + name.replace("_", "-")
         value = getattr(args, name) if getattr(args, name) is not None else record["experiment"].get(name)
-        requirement, ok = common.FLAG_RULES[name]
+        rules = {**common.FLAG_RULES, **common.ETA_RULES[common.model_family(record["flags"]["model"])]}
+        requirement, ok = rules[name]
         if value is None:
             common.fail(f"the checkpoint does not record {flag}; pass {flag}")
         if not ok(value):
             common.fail(f"{flag} {value}: must be {requirement}")
         values[name] = value
-    if record["experiment"].get("resolution") is not None:  # a flag this version's scripts do not have
-        common.fail(f"the run sampled at --resolution {record['experiment']['resolution']}; evaluate.py samples "
-                    f"only at the model's own size")
+    resolution = args.resolution if args.resolution is not None else record["experiment"].get("resolution")
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        common.fail(f"--resolution {resolution}: must be a positive multiple of 8 pixels")
+    values["resolution"] = resolution
     return values
 
 
@@ -258,7 +262,9 @@ if __name__ == "__main__":
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = common.resolve_precision(args.mixed_precision, device)
     common.speed_flags(device)
-    pipe = common.load_pipeline(model, device, precision, lora_rank=lora_rank, lora_alpha=record["flags"]["lora_alpha"])
+    resolution = sample_kw.pop("resolution")  # checked against the model's VAE and patch size once it loads
+    pipe = common.load_pipeline(model, device, precision, lora_rank=lora_rank, lora_alpha=record["flags"]["lora_alpha"],
+                                resolution=resolution)
     denoiser = common.denoiser(pipe).eval()
     if lora_rank > 0:  # the pretrained model is the same one with its adapters off
         runs.load_checkpoint(checkpoint, denoiser)

@@ -63,7 +63,7 @@ class Args:
 def check(args: Args):
     if args.images < 1 or not args.steps or min(args.steps) < 1 or max(args.steps) > 1000 or args.kl_steps < 0:
         common.fail("--images and --steps must be at least 1 (steps at most 1000), --kl-steps at least 0")
-    common.check_flags(args)  # --guidance, --eta, --lora-rank, --lora-alpha as the scripts check them
+    common.check_flags(args, common.ETA_RULES["sd"])  # --guidance, --eta, --lora-rank, --lora-alpha as the scripts
     if args.out is not None and not Path(args.out).resolve().parent.is_dir():
         common.fail(f"--out {args.out}: its folder does not exist; create it or choose another --out")
     for name in args.prompts:

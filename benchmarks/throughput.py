@@ -10,7 +10,7 @@ tree, alternately, `--repeats` times. It prints, per setting, the median over ep
 `charts/images_per_sec` (sampling, reward and training of an epoch; the first epoch, which warms up, is left out)
 and the whole run's images per wall-clock second including start-up, for both, and their ratio.
 
-    python benchmarks/throughput.py                      # against the commit before issue 20's work
+    python benchmarks/throughput.py                      # against the commit before --timesteps-per-call
     python benchmarks/throughput.py --ref HEAD~3 --epochs 6 --threads 1
 """
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 @dataclass
 class Args:
     ref: str = "0873d40"
-    """the git ref to compare with (its scripts and model, in a temporary worktree; default: the commit before issue 20)"""
+    """the git ref to compare with (its scripts and model, in a temporary worktree; default: the commit before --timesteps-per-call)"""
     settings: tuple[str, ...] = ("readme", "study")
     """which settings to measure: readme, study"""
     methods: tuple[str, ...] = ("loop_k4",)

@@ -127,3 +127,21 @@ def test_project_modules_import_in_one_direction():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_the_repository_cites_only_what_a_reader_can_open():
+    """Every reference points inside the repository or to a public source (a paper, a reference repository and
+    path): no file cites the team's private notes, nor a number on the project's own tracker, which no reader
+    outside can open. (Issue numbers of public repositories, written as owner/repo#N, are fine.)"""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    private = re.compile(r"\b(ALGORITHMS|STYLE|OFFLINE_WORLD)\.md\b|\b[Ii]ssues? \d|\bissue #\d|\(#\d+\)")
+    found = []
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in (".py", ".md", ".toml", ".txt", ".cfg", ".sh") and name != ".ci/run" or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if private.search(line):
+                found.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)

@@ -1,4 +1,4 @@
-"""The flow-matching path (SD 3.x, issue 24): Flow-GRPO's SDE step and sampler against diffusers and analytic values,
+"""The flow-matching path (SD 3.x, docs/flow.md): Flow-GRPO's SDE step and sampler against diffusers and analytic values,
 the training path's log-probabilities, LoRA in diffusers' SD3 format, and the scripts on the tiny SD3-class model
 (all five scripts train on it; DPOK and Score as Action with the exact per-step KL of the flow step)."""
 

@@ -7,7 +7,7 @@ wrong (`--prompts shapes_demo`: "a green triangle and a blue square"), as DPOK f
 32 images of the prompt from fixed noise, so before and after are paired and the gain is the model's, not the
 noise's.
 
-The reward is the product of the named objects' credits (issue 19): 1 for a right binding, 0 for a missing
+The reward is the product of the named objects' credits (docs/world.md): 1 for a right binding, 0 for a missing
 object or one colour drawn twice, 1/16 for swapped colours. One run of 320 images is not enough to be sure of
 learning: at seed 2 Score as Action and at seed 3 REINFORCE end about where they began. So each test runs two
 seeds side by side (two processes, one thread each) and asserts their mean gain. Each margin is well inside the
@@ -86,7 +86,7 @@ def test_the_commands_carry_the_calibrated_changes(tmp_path):
         assert batch == IMAGES_PER_EPOCH.get(script, 16) and batch * epochs == IMAGES
 
 
-# LOOP on the flow-matching shapes model (issue 24: `--model shapes-flow`, world/shapes_flow): the same prompt and
+# LOOP on the flow-matching shapes model (`--model shapes-flow`, world/shapes_flow): the same prompt and
 # reward, the flow family's sampling defaults (guidance 4.5, Flow-GRPO's noise level 0.7) at 10 steps, and the
 # README demo's shape of epoch (32 images, K = 8, two optimiser steps of 16) for 20 epochs (640 images) at learning
 # rate 3e-3 and clip 1e-2. At 16 images an epoch (K = 4) seed 1 did not move in 20 or 40 epochs (docs/world.md).

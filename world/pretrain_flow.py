@@ -1,4 +1,4 @@
-"""Pretrain the shapes world's flow-matching model on a CPU: `python -m world.pretrain_flow` (issue 24).
+"""Pretrain the shapes world's flow-matching model on a CPU: `python -m world.pretrain_flow` (docs/world.md).
 
 The SD 3.x counterpart of `world.pretrain`: the same world, the same VAE, in Stable Diffusion 3's classes, so every
 script loads it through the flow path (`--model shapes-flow`, or `--model world/shapes_flow` as a folder) and
