@@ -280,24 +280,26 @@ STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_
 
 
 def test_the_study_reuses_only_runs_of_the_same_command(tmp_path):
-    """The issue's repro: the same study with --num-steps 2, then 6. The second must not reuse the first's run (it
-    took 3 s and rewrote the table from the 2-step runs); the first's is kept, and a third call with the first's
-    flags reuses it."""
+    """The same study with --num-steps 2, then 6, on one --out: the second once reused the first's run (it took 3 s
+    and rewrote the table from the 2-step runs). Now results of other settings are never mixed: the second stops in
+    one line naming the setting that differs and leaves the first's results and runs as they were, and a third call
+    with the first's flags reuses its run."""
     import csv
 
     def study(steps):
-        proc = subprocess.run([*STUDY, "--images", "16", "--num-steps", str(steps), "--out", str(tmp_path)], cwd=ROOT,
+        return subprocess.run([*STUDY, "--images", "16", "--num-steps", str(steps), "--out", str(tmp_path)], cwd=ROOT,
                               env=OFFLINE, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        return proc.stdout, [(r["images"], r["eval_reward"]) for r in csv.DictReader(open(tmp_path / "evals.csv"))]
 
-    out2, rows2 = study(2)
-    out6, rows6 = study(6)
-    assert "skip" not in out6 and rows6 != rows2
-    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert len(folders) == 2 and all(f.startswith("reinforce_k4__1__") for f in folders)
-    again, rows = study(2)
-    assert "skip reinforce_k4__1__" in again and rows == rows2
+    rows = lambda: [(r["images"], r["eval_reward"]) for r in csv.DictReader(open(tmp_path / "evals.csv"))]
+    first = study(2)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    rows2, folders = rows(), sorted(p.name for p in (tmp_path / "runs").iterdir())
+    other = study(6)
+    assert other.returncode == 1 and other.stderr.strip().splitlines() == [other.stderr.strip()]
+    assert "--num-steps 2 there, 6 here" in other.stderr and "skip" not in other.stdout
+    assert rows() == rows2 and sorted(p.name for p in (tmp_path / "runs").iterdir()) == folders
+    again = study(2)
+    assert again.returncode == 0 and "skip reinforce_k4__1__" in again.stdout and rows() == rows2
 
 
 def test_a_stopped_study_stops_its_runs_and_refuses_an_unusable_out(tmp_path):

@@ -95,6 +95,19 @@ class Args:
     """stop after stages 1-2 (the VAE is saved to OUT/vae either way)"""
 
 
+def check_out_and_device(args, out: Path, need):
+    """Shared by both pretraining scripts: an --out inside a committed model folder needs --overwrite, and the device
+    must be one the training runs on."""
+    inside = [d for d in (common.SHAPES_DIR, common.SHAPES_FLOW_DIR) if d in out.resolve().parents]
+    need(not inside or args.overwrite, f"--out {out} is inside the committed model folder {inside[0] if inside else ''};"
+         f" choose an --out under runs/, or add --overwrite if you mean to change the committed model")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        kind = None
+    need(kind in ("cpu", "cuda"), f"--device {args.device!r}: this trains on cpu, cuda or cuda:N")
+
+
 def check(args: Args):
     """One-line errors for flags out of range, before anything loads or trains."""
     def need(ok: bool, msg: str):
@@ -129,14 +142,7 @@ def check(args: Args):
          f"--device {args.device}: torch sees no CUDA GPU on this machine; use --device cpu")
     out = Path(args.out)
     need(not out.exists() or out.is_dir(), f"--out {out} is a file; give a folder")
-    inside = [d for d in (common.SHAPES_DIR, common.SHAPES_FLOW_DIR) if d in out.resolve().parents]
-    need(not inside or args.overwrite, f"--out {out} is inside the committed model folder {inside[0] if inside else ''};"
-         f" choose an --out under runs/, or add --overwrite if you mean to change the committed model")
-    try:
-        kind = torch.device(args.device).type
-    except RuntimeError:
-        kind = None
-    need(kind in ("cpu", "cuda"), f"--device {args.device!r}: this trains on cpu, cuda or cuda:N")
+    check_out_and_device(args, out, need)
     need(not (out.is_dir() and any(out.iterdir())) or args.overwrite,
          f"--out {out} already holds files{' (the committed model)' if out.resolve() == world.MODEL_DIR else ''}; "
          f"add --overwrite to replace it when the new model is complete, or choose another --out")

@@ -37,7 +37,7 @@ import tyro
 
 import common
 import world
-from world.pretrain import log, publish, staging
+from world.pretrain import check_out_and_device, log, publish, staging
 
 FLOW_MODEL_DIR = Path(__file__).resolve().parent / "shapes_flow"
 TOKENS = 16  # CLIP tokens per caption: "a magenta triangle and a yellow circle" is 9 with the start and end tokens
@@ -112,14 +112,7 @@ def check(args: Args):
          f"--device {args.device}: torch sees no CUDA GPU on this machine; use --device cpu")
     out = Path(args.out)
     need(not out.exists() or out.is_dir(), f"--out {out} is a file; give a folder")
-    inside = [d for d in (common.SHAPES_DIR, common.SHAPES_FLOW_DIR) if d in out.resolve().parents]
-    need(not inside or args.overwrite, f"--out {out} is inside the committed model folder {inside[0] if inside else ''};"
-         f" choose an --out under runs/, or add --overwrite if you mean to change the committed model")
-    try:
-        kind = torch.device(args.device).type
-    except RuntimeError:
-        kind = None
-    need(kind in ("cpu", "cuda"), f"--device {args.device!r}: this trains on cpu, cuda or cuda:N")
+    check_out_and_device(args, out, need)
     need(not (out.is_dir() and any(out.iterdir())) or args.overwrite,
          f"--out {out} already holds files{' (the committed model)' if out.resolve() == FLOW_MODEL_DIR else ''}; "
          f"add --overwrite to replace it when the new model is complete, or choose another --out")
