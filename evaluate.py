@@ -219,8 +219,9 @@ def sampler(args: Args, record: dict) -> dict:
             common.fail(f"{flag} {value}: must be {requirement}")
         values[name] = value
     resolution = args.resolution if args.resolution is not None else record["experiment"].get("resolution")
-    if resolution is not None and (resolution < 8 or resolution % 8):
-        common.fail(f"--resolution {resolution}: must be a positive multiple of 8 pixels")
+    requirement, ok = common.FLAG_RULES["resolution"]
+    if not ok(resolution):
+        common.fail(f"--resolution {resolution}: must be {requirement}")
     values["resolution"] = resolution
     return values
 

@@ -560,6 +560,11 @@ SETTINGS = ("prompts", "images", "images_per_epoch", "learning_rate", "eval_ever
             "final_images", "robustness_steps")  # what makes results of two invocations one study
 
 
+def settings_of(args: Args) -> dict:
+    """The SETTINGS of this invocation, as study.json records them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in SETTINGS}
+
+
 def read_csv(path: Path) -> list:
     """A CSV's rows with numbers as numbers (an empty cell as absent)."""
     def value(text):
@@ -578,7 +583,7 @@ def previous_results(out: Path, args: Args) -> tuple:
     """(evals rows, final rows) already in OUT from earlier invocations with the same settings (study.json), so that
     seeds or configurations can be added to a study; ([], []) for a new study. Results made with other settings stop
     the study in one line instead of being mixed in."""
-    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in SETTINGS}
+    settings = settings_of(args)
     record = out / "study.json"
     if not (out / "final.csv").exists():
         return [], []
@@ -691,7 +696,7 @@ def main(args: Args):
         writer = csv.DictWriter(f, fieldnames=["method", "seed", *keys])
         writer.writeheader()
         writer.writerows({"method": n, "seed": s, **m} for (n, s), m in finals.items())
-    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in SETTINGS}
+    settings = settings_of(args)
     (out / "study.json").write_text(json.dumps({"settings": settings}, indent=1) + "\n")
     text = (table(rows) + "\n\nFinal evaluation (benchmarks/evaluate.py), paired gains over the pretrained model: "
             "mean [95% t interval] (95% expanded-percentile bootstrap interval) over seeds; claims tested with Holm's "
