@@ -24,12 +24,13 @@ from typing import Literal, Optional
 import torch
 import tyro
 
+import cli
 import common
 import rewards
 import runs
 
 
-# Sampling defaults on SD 1.x/2.x; an SD 3.x model takes Flow-GRPO's (common.FLOW_DEFAULTS)
+# Sampling defaults on SD 1.x/2.x; an SD 3.x model takes Flow-GRPO's (cli.FLOW_DEFAULTS)
 SD_DEFAULTS = dict(num_steps=50, eta=1.0, guidance=7.5)  # DPOK
 
 
@@ -209,7 +210,7 @@ def fit_value(value_net, value_optimizer, buffer: dict, draws, num_value_batches
         (loss / num_value_batches).backward()
         losses.append(loss.detach())
         if (v + 1) % num_value_batches == 0:
-            common.average_gradients(params)
+            runs.average_gradients(params)
             value_optimizer.step()
             value_optimizer.zero_grad(set_to_none=True)
     return losses
@@ -256,29 +257,29 @@ def dpok_loss(log_prob, old_log_prob, advantages, eps, eps_pre, *, alpha: float,
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
-    dist = common.setup_distributed(args.device)
-    device, main = dist.device, dist.is_main
+    runs.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
+    dist = runs.setup_distributed(args.device)
+    device, is_main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
     samples_per_process = args.sample_batch_size * args.num_batches_per_epoch
     images_per_epoch = samples_per_process * dist.world_size
     minibatches = args.num_policy_steps * args.gradient_accumulation_steps  # DPOK
     steps_per_epoch = args.num_policy_steps  # DPOK
     if min(args.num_policy_steps, args.gradient_accumulation_steps, args.num_value_steps, args.num_value_batches) < 1:
-        common.fail("--num-policy-steps, --gradient-accumulation-steps, --num-value-steps, --num-value-batches: "
+        cli.fail("--num-policy-steps, --gradient-accumulation-steps, --num-value-steps, --num-value-batches: "
                     "each must be at least 1")  # DPOK
     if args.lora_rank < 1 and args.beta != 0:  # DPOK
-        common.fail("--lora-rank 0: the KL term's pretrained model is the UNet with its LoRA adapters disabled; "
+        cli.fail("--lora-rank 0: the KL term's pretrained model is the UNet with its LoRA adapters disabled; "
                     "use --lora-rank 1 or more (or --beta 0)")
     if not 0 < args.alpha < float("inf"):  # DPOK
-        common.fail(f"--alpha {args.alpha}: must be a finite number > 0 (the reward's weight: 0 ignores it, < 0 inverts it)")
+        cli.fail(f"--alpha {args.alpha}: must be a finite number > 0 (the reward's weight: 0 ignores it, < 0 inverts it)")
     if args.buffer_size < args.train_batch_size:  # DPOK
-        common.fail(f"--buffer-size {args.buffer_size} must hold at least one micro-batch of --train-batch-size "
+        cli.fail(f"--buffer-size {args.buffer_size} must hold at least one micro-batch of --train-batch-size "
                     f"{args.train_batch_size} transitions")
-    common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
+    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch of {args.gradient_accumulation_steps}"
                   f" x {args.train_batch_size} transitions from a buffer of {args.buffer_size}, {args.num_value_steps} value "
-                  f"steps of {args.num_value_batches} x {args.value_batch_size}", enabled=main)  # DPOK
+                  f"steps of {args.num_value_batches} x {args.value_batch_size}", enabled=is_main)  # DPOK
 
     run = runs.start(args, Path(__file__).stem, dist)  # what to resume and where to write, checked
     checkpoint, run_dir = run.checkpoint, run.dir
@@ -287,7 +288,7 @@ if __name__ == "__main__":
 
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
-    reward_fn = common.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
+    reward_fn = runs.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
                                      args.reward)  # the prompts are checked against the reward before it loads
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -314,50 +315,30 @@ if __name__ == "__main__":
         value_net.load_state_dict(state["value_net"])  # DPOK
         runs.load_optimizer(value_optimizer, state["value_optimizer"])  # DPOK
         if state["world_size"] != dist.world_size:  # DPOK: the buffers are per process
-            common.fail(f"{checkpoint} holds the replay buffers of {state['world_size']} processes; resume with as many")
+            cli.fail(f"{checkpoint} holds the replay buffers of {state['world_size']} processes; resume with as many")
         buffer = {key: value.chunk(dist.world_size)[dist.rank].to(device) for key, value in state["buffer"].items()}
-        common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+        runs.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=is_main)
     # the run folder is created only now that the model and any checkpoint have loaded: the run can start
-    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track, project=args.wandb_project)
 
-    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids and rewards compare across epochs
-        if not main:
-            return
-        means = {}  # mean eval reward per step count: --num-steps (the training one), then --eval-num-steps
-        for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
-            with common.autocast(device, precision):
-                images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
-                                                  **dict(sample_kw, num_steps=num_steps,
-                                                         eta=args.eta if args.eval_eta is None else args.eval_eta))
-            means[num_steps] = rewards.mean().item()
-            if num_steps == args.num_steps:  # the image grid is of the training step count
-                grid = common.image_grid(images, [f"{r:.3f} {p}" for p, r in zip(eval_prompts, rewards.tolist())])
-                (run_dir / "images").mkdir(parents=True, exist_ok=True)
-                grid.save(run_dir / "images" / f"{tag}.png")
-                logger.image("images/eval", grid, step)
-        if tag == "before":
-            eval_before.update(means)  # the reference of every later gain (saved in checkpoints)
-        gains = {n: mean - eval_before[n] for n, mean in means.items() if n in eval_before}
-        logger.scalars({"eval/reward_mean": means[args.num_steps], **{f"eval/reward_mean_{n}steps": m for n, m in means.items()},
-                        **{f"eval/reward_gain_{n}steps": g for n, g in gains.items()}}, step)
-        common.print0(f"eval reward ({tag}): " + ", ".join(f"{n} steps {m:.4f}" + (f" ({gains[n]:+.4f})" if n in gains else "")
-                                                          for n, m in means.items()))
+    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision, logger, run_dir,
+                               eval_before, enabled=is_main)  # fixed prompts and noise: comparable across epochs
 
     if start_epoch == 0 and args.image_every > 0:
-        log_images(0, "before")
-    bar = common.progress(range(start_epoch, args.num_epochs), enabled=main, desc="epochs", initial=start_epoch,
+        evaluate(0, "before")
+    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs", initial=start_epoch,
                           total=args.num_epochs)
     for epoch in bar:
         t0 = time.time()
         # SAMPLING
         # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
         # this process takes its slice, so the samples do not depend on how many processes share them.
-        g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
-        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
+        rng = common.generator("cpu", args.seed, epoch, common.Stream.PROMPTS)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         denoiser.eval()
         batches = []
-        for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
+        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
@@ -372,7 +353,7 @@ if __name__ == "__main__":
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
 
         # REWARDS AND ADVANTAGES
-        rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
+        rewards = runs.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
         reward_fn.check(rewards, epoch, run)  # one line if an image (a diverged model) or a reward is not finite
         reward_curve.append(rewards.mean().item())
         # DPOK: this epoch's transitions join the replay buffer (one per process, the most recent buffer_size kept);
@@ -381,8 +362,8 @@ if __name__ == "__main__":
         transitions = to_transitions(samples["latents"], samples["log_probs"], samples["rewards"], samples["text"],
                                      all_prompt_ids[first : first + samples_per_process].to(device))
         buffer = buffer_add(buffer, transitions, args.buffer_size)
-        g = common.generator(device, args.seed, epoch, common.SHUFFLE, dist.rank)
-        draws = draw_indices(minibatches + args.num_value_steps * args.num_value_batches, len(buffer["rewards"]), g)
+        rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, dist.rank)
+        draws = draw_indices(minibatches + args.num_value_steps * args.num_value_batches, len(buffer["rewards"]), rng)
         micro_batches, value_batches = draws[:minibatches, : args.train_batch_size], draws[minibatches:, : args.value_batch_size]
         if args.value_fit == "first":  # the reference's order
             value_losses = fit_value(value_net, value_optimizer, buffer, value_batches, args.num_value_batches)
@@ -397,7 +378,7 @@ if __name__ == "__main__":
         denoiser.train()
         info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, later the buffer's staleness
-        for m, idx in enumerate(common.progress(micro_batches, enabled=main, desc="training", leave=False)):
+        for m, idx in enumerate(runs.progress(micro_batches, enabled=is_main, desc="training", leave=False)):
             batch = {key: value[idx] for key, value in buffer.items()}  # b transitions
             latents, t, adv = batch["latents"], timesteps[batch["steps"]], advantages[idx]
             embeds = common.encode_prompts(pipe, [prompts[i] for i in batch["prompt_ids"].tolist()])  # (b, 77, D)
@@ -417,7 +398,7 @@ if __name__ == "__main__":
             if m < args.gradient_accumulation_steps:
                 ratio_dev.append((torch.exp(log_prob.detach() - batch["log_probs"]) - 1).abs().mean())
             if (m + 1) % args.gradient_accumulation_steps == 0:
-                common.average_gradients(params)
+                runs.average_gradients(params)
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
@@ -437,7 +418,7 @@ if __name__ == "__main__":
                         "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
                         "debug/skipped_steps": run.skipped_steps,
                         "losses/explained_variance": explained_variance, "debug/fresh_fraction": fresh_fraction})  # DPOK
-        reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
+        reward_terms = runs.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
         if epoch == 0:  # DPOK: later, the buffer's staleness adds to it: the on-policy check is epoch 0's
@@ -445,17 +426,17 @@ if __name__ == "__main__":
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/kl_to_ref']:.2e}")  # DPOK
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
-            log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
+            evaluate(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
-            all_buffers = {key: common.gather(value) for key, value in buffer.items()}  # DPOK: all processes', by rank
-            if main:
+            all_buffers = {key: runs.gather(value) for key, value in buffer.items()}  # DPOK: all processes', by rank
+            if is_main:
                 run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),
                     "value_optimizer": value_optimizer.state_dict(), "buffer": all_buffers, "world_size": dist.world_size})
-                common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
-    if main and reward_curve:
-        common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
+                runs.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+    if is_main and reward_curve:
+        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
                       f"outputs in {run_dir}")
     logger.close()

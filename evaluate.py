@@ -33,6 +33,7 @@ from typing import Literal, Optional
 import torch
 import tyro
 
+import cli
 import common
 import rewards
 import runs
@@ -162,7 +163,7 @@ def read_run(path: str) -> tuple:
     checkpoint, state = runs.find_checkpoint(path)
     record = state.get("record")
     if not isinstance(record, dict) or "experiment" not in record:
-        common.fail(f"{str(checkpoint)!r} does not record the script and flags that wrote it (an older version), so "
+        cli.fail(f"{str(checkpoint)!r} does not record the script and flags that wrote it (an older version), so "
                     f"its model and sampler are unknown; evaluate a checkpoint written by this version")
     return checkpoint, record
 
@@ -176,14 +177,14 @@ def choose_prompts(args: Args, record: dict) -> tuple:
         elif flag == "--prompts":  # as common.load_eval_prompts chooses, with all of the set's prompts
             name, path = (f"{value}_eval" if f"{value}_eval" in common.prompt_sets() else value), None
         else:
-            common.fail(f"{record.get('prompt_source')!r}: the checkpoint does not say which prompts it trained on; "
+            cli.fail(f"{record.get('prompt_source')!r}: the checkpoint does not say which prompts it trained on; "
                         f"pass --prompts")
     elif args.prompts in common.prompt_sets():
         name, path = args.prompts, None
     elif Path(args.prompts).is_file():
         name, path = Path(args.prompts).stem, args.prompts
     else:
-        common.fail(f"--prompts {args.prompts}: neither a prompt set ({', '.join(common.prompt_sets())}) nor a file")
+        cli.fail(f"--prompts {args.prompts}: neither a prompt set ({', '.join(common.prompt_sets())}) nor a file")
     return name, list(dict.fromkeys(common.load_prompts(name, path)))
 
 
@@ -194,10 +195,10 @@ def choose_rewards(args: Args, record: dict, prompts: list) -> tuple:
     names = [name.strip() for name in (args.rewards if args.rewards is not None else spec).split(",")]
     for name in names:
         if name not in rewards.REWARDS:
-            common.fail(f"--rewards: unknown reward {name!r}; choose from {', '.join(rewards.REWARDS)}, e.g. "
+            cli.fail(f"--rewards: unknown reward {name!r}; choose from {', '.join(rewards.REWARDS)}, e.g. "
                         f"--rewards aesthetic,pickscore")
     if len(set(names)) < len(names):
-        common.fail(f"--rewards {args.rewards}: a reward appears twice; give each once")
+        cli.fail(f"--rewards {args.rewards}: a reward appears twice; give each once")
     weights = rewards.parse_weights(args.reward_weights, names)
     for name in names:  # the prompt checks the scripts run (rewards.make), before any reward or model loads
         if rewards.REWARDS[name].prompts is not None:
@@ -211,17 +212,17 @@ def sampler(args: Args, record: dict) -> dict:
     for name in SAMPLER:
         flag = "--" + name.replace("_", "-")
         value = getattr(args, name) if getattr(args, name) is not None else record["experiment"].get(name)
-        rules = {**common.FLAG_RULES, **common.ETA_RULES[common.model_family(record["flags"]["model"])]}
+        rules = {**cli.FLAG_RULES, **cli.ETA_RULES[common.model_family(record["flags"]["model"])]}
         requirement, ok = rules[name]
         if value is None:
-            common.fail(f"the checkpoint does not record {flag}; pass {flag}")
+            cli.fail(f"the checkpoint does not record {flag}; pass {flag}")
         if not ok(value):
-            common.fail(f"{flag} {value}: must be {requirement}")
+            cli.fail(f"{flag} {value}: must be {requirement}")
         values[name] = value
     resolution = args.resolution if args.resolution is not None else record["experiment"].get("resolution")
-    requirement, ok = common.FLAG_RULES["resolution"]
+    requirement, ok = cli.FLAG_RULES["resolution"]
     if not ok(resolution):
-        common.fail(f"--resolution {resolution}: must be {requirement}")
+        cli.fail(f"--resolution {resolution}: must be {requirement}")
     values["resolution"] = resolution
     return values
 
@@ -229,7 +230,7 @@ def sampler(args: Args, record: dict) -> dict:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        common.fail("evaluate.py runs in one process and does not split the prompts across torchrun's processes; run "
+        cli.fail("evaluate.py runs in one process and does not split the prompts across torchrun's processes; run "
                     "it with python")
     checkpoint, record = read_run(args.checkpoint)
     label, prompts = choose_prompts(args, record)
@@ -246,16 +247,16 @@ if __name__ == "__main__":
         per_prompt = max(4, math.ceil(common.EVAL_IMAGES / len(prompts)))
     for flag, value in (("--images-per-prompt", per_prompt), ("--batch-size", args.batch_size)):
         if value < 1:
-            common.fail(f"{flag} {value}: must be an integer >= 1 (no images, nothing to compare)")
+            cli.fail(f"{flag} {value}: must be an integer >= 1 (no images, nothing to compare)")
     if args.grid_prompts < 0:
-        common.fail(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0 (0 draws no grid)")
+        cli.fail(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0 (0 draws no grid)")
     home = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else Path("runs")
     out = Path(args.out_dir or home / "evaluations" / f"{checkpoint.name}__{label}__seed{args.seed}")
     parent = next(p for p in [out, *out.parents] if p.exists())
     if not (parent.is_dir() and os.access(parent, os.W_OK)):
-        common.fail(f"cannot write {str(out)!r}: {str(parent)!r} is not a writable folder; choose another --out-dir")
+        cli.fail(f"cannot write {str(out)!r}: {str(parent)!r} is not a writable folder; choose another --out-dir")
     texts = [p for p in prompts for _ in range(per_prompt)]  # prompt-major: pair i * per_prompt + j is prompt i's j-th
-    common.print0(f"{checkpoint} ({record['script']}.py, --model {model}): {len(prompts)} prompt(s) ({label}) x "
+    runs.print0(f"{checkpoint} ({record['script']}.py, --model {model}): {len(prompts)} prompt(s) ({label}) x "
                   f"{per_prompt} noise samples = {len(texts)} pairs; " + ", ".join(f"--{k.replace('_', '-')} {v}"
                                                                                     for k, v in sample_kw.items()))
 
@@ -271,7 +272,7 @@ if __name__ == "__main__":
         runs.load_checkpoint(checkpoint, denoiser)
     neg = common.encode_prompts(pipe, [""])
     images = {}  # "before"/"after" -> (N, 3, H, W) uint8 on the CPU, as saved images are: a quarter of float32's memory
-    bar = common.progress(total=2 * len(texts), desc="sampling")
+    bar = runs.progress(total=2 * len(texts), desc="sampling")
     for when in ("before", "after"):
         if when == "after" and lora_rank == 0:  # a fully fine-tuned UNet: its weights replace the pretrained ones now
             runs.load_checkpoint(checkpoint, denoiser)
@@ -292,11 +293,11 @@ if __name__ == "__main__":
     # REWARDS: each reward model loaded in turn and freed before the next
     scores = {}  # name -> {"before": (N,), "after": (N,)}
     for name in names:
-        reward_fn = common.CheckedReward(rewards.load(name, device, weights.get(name)), name)
+        reward_fn = runs.CheckedReward(rewards.load(name, device, weights.get(name)), name)
         scores[name] = {}
         for when in ("before", "after"):
             chunks = []
-            for lo in common.progress(range(0, len(texts), args.batch_size), desc=f"{name} ({when})", leave=False):
+            for lo in runs.progress(range(0, len(texts), args.batch_size), desc=f"{name} ({when})", leave=False):
                 batch = images[when][lo : lo + args.batch_size].to(device).float() / 255
                 chunks.append(reward_fn(batch, texts[lo : lo + args.batch_size]).cpu())
             scores[name][when] = torch.cat(chunks)
@@ -311,7 +312,7 @@ if __name__ == "__main__":
     text = table(summary, trained)
     header = (f"{checkpoint}: {len(texts)} pairs ({len(prompts)} prompt(s) of {label} x {per_prompt} noise samples, "
               f"--seed {args.seed}), " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sample_kw.items()))
-    common.print0(f"{header}\n\n{text}\n\n* trained reward; possible reward hacking: a reward not trained on whose "
+    runs.print0(f"{header}\n\n{text}\n\n* trained reward; possible reward hacking: a reward not trained on whose "
                   f"whole 95% interval lies below 0, while the trained reward rose")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"{header}\n\n{text}\n")
@@ -331,5 +332,5 @@ if __name__ == "__main__":
         captions = [f"{when} {scores[ranked][when][k].item():.3g}" + (
             f": {texts[k]}" if when == "before" else f" ({ranked} {change.view(-1)[k].item():+.3g})")
             for k in idx for when in ("before", "after")]
-        common.image_grid(grid, captions, ncols=2 * cols).save(out / "pairs.png")
-    common.print0(f"wrote {out / 'table.md'}, {out / 'scores.json'}" + (f", {out / 'pairs.png'}" if shown else ""))
+        runs.image_grid(grid, captions, ncols=2 * cols).save(out / "pairs.png")
+    runs.print0(f"wrote {out / 'table.md'}, {out / 'scores.json'}" + (f", {out / 'pairs.png'}" if shown else ""))

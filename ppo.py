@@ -18,12 +18,13 @@ from typing import Literal, Optional
 import torch
 import tyro
 
+import cli
 import common
 import rewards
 import runs
 
 
-# Sampling defaults on SD 1.x/2.x; an SD 3.x model takes Flow-GRPO's (common.FLOW_DEFAULTS)
+# Sampling defaults on SD 1.x/2.x; an SD 3.x model takes Flow-GRPO's (cli.FLOW_DEFAULTS)
 SD_DEFAULTS = dict(num_steps=50, eta=1.0, guidance=5.0)
 
 
@@ -166,24 +167,24 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
-    dist = common.setup_distributed(args.device)
-    device, main = dist.device, dist.is_main
+    runs.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
+    dist = runs.setup_distributed(args.device)
+    device, is_main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
     samples_per_process = args.sample_batch_size * args.num_batches_per_epoch
     images_per_epoch = samples_per_process * dist.world_size
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
-    chunk = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
+    steps_per_call = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
-        common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
+        cli.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
                     f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
     if not 1 <= args.stat_min_count <= args.stat_buffer_size:
-        common.fail(f"--stat-min-count {args.stat_min_count} must be in [1, --stat-buffer-size {args.stat_buffer_size}]")
-    common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
+        cli.fail(f"--stat-min-count {args.stat_min_count} must be in [1, --stat-buffer-size {args.stat_buffer_size}]")
+    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
-                  f"trained timesteps per trajectory", enabled=main)
+                  f"trained timesteps per trajectory", enabled=is_main)
 
     run = runs.start(args, Path(__file__).stem, dist)  # what to resume and where to write, checked
     checkpoint, run_dir = run.checkpoint, run.dir
@@ -192,7 +193,7 @@ if __name__ == "__main__":
 
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
-    reward_fn = common.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
+    reward_fn = runs.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
                                      args.reward)  # the prompts are checked against the reward before it loads
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -212,48 +213,28 @@ if __name__ == "__main__":
         runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
         start_epoch, global_step, stats, reward_curve = state["epoch"], state["global_step"], state["stats"], state["reward_curve"]
         eval_before = state["eval_before"]
-        common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+        runs.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=is_main)
     # the run folder is created only now that the model and any checkpoint have loaded: the run can start
-    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track, project=args.wandb_project)
 
-    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids and rewards compare across epochs
-        if not main:
-            return
-        means = {}  # mean eval reward per step count: --num-steps (the training one), then --eval-num-steps
-        for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
-            with common.autocast(device, precision):
-                images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
-                                                  **dict(sample_kw, num_steps=num_steps,
-                                                         eta=args.eta if args.eval_eta is None else args.eval_eta))
-            means[num_steps] = rewards.mean().item()
-            if num_steps == args.num_steps:  # the image grid is of the training step count
-                grid = common.image_grid(images, [f"{r:.3f} {p}" for p, r in zip(eval_prompts, rewards.tolist())])
-                (run_dir / "images").mkdir(parents=True, exist_ok=True)
-                grid.save(run_dir / "images" / f"{tag}.png")
-                logger.image("images/eval", grid, step)
-        if tag == "before":
-            eval_before.update(means)  # the reference of every later gain (saved in checkpoints)
-        gains = {n: mean - eval_before[n] for n, mean in means.items() if n in eval_before}
-        logger.scalars({"eval/reward_mean": means[args.num_steps], **{f"eval/reward_mean_{n}steps": m for n, m in means.items()},
-                        **{f"eval/reward_gain_{n}steps": g for n, g in gains.items()}}, step)
-        common.print0(f"eval reward ({tag}): " + ", ".join(f"{n} steps {m:.4f}" + (f" ({gains[n]:+.4f})" if n in gains else "")
-                                                          for n, m in means.items()))
+    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision, logger, run_dir,
+                               eval_before, enabled=is_main)  # fixed prompts and noise: comparable across epochs
 
     if start_epoch == 0 and args.image_every > 0:
-        log_images(0, "before")
-    bar = common.progress(range(start_epoch, args.num_epochs), enabled=main, desc="epochs", initial=start_epoch,
+        evaluate(0, "before")
+    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs", initial=start_epoch,
                           total=args.num_epochs)
     for epoch in bar:
         t0 = time.time()
         # SAMPLING
         # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
         # this process takes its slice, so the samples do not depend on how many processes share them.
-        g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
-        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
+        rng = common.generator("cpu", args.seed, epoch, common.Stream.PROMPTS)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         denoiser.eval()
         batches = []
-        for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
+        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
@@ -268,7 +249,7 @@ if __name__ == "__main__":
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
 
         # REWARDS AND ADVANTAGES
-        rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
+        rewards = runs.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
         reward_fn.check(rewards, epoch, run)  # one line if an image (a diverged model) or a reward is not finite
         advantages = per_prompt_advantages(stats, [prompts[i] for i in all_prompt_ids.tolist()], rewards, args.stat_buffer_size,
                                            args.stat_min_count)
@@ -280,31 +261,31 @@ if __name__ == "__main__":
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
         for inner in range(args.num_inner_epochs):
-            g = common.generator(device, args.seed, epoch, common.SHUFFLE, inner, dist.rank)
-            perm = torch.randperm(samples_per_process, generator=g, device=device)
+            rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, inner, dist.rank)
+            perm = torch.randperm(samples_per_process, generator=rng, device=device)
             # (N, T_train) step indices: each trajectory's own random subset (SD 1.x/2.x), or the first ones (SD 3.x)
-            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps, num_train_timesteps, g, device)
-            for m in common.progress(range(minibatches), enabled=main, desc="training", leave=False):
+            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps, num_train_timesteps, rng, device)
+            for m in runs.progress(range(minibatches), enabled=is_main, desc="training", leave=False):
                 idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
                 steps = step_perm[idx]  # (b, T_train)
                 rows = idx[:, None]
                 latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
                 old_log_probs, adv, embeds = samples["log_probs"][rows, steps], samples["advantages"][idx], samples["embeds"][idx]
-                for j in range(0, num_train_timesteps, chunk):  # `chunk` trained timesteps per UNet call
-                    js = slice(j, j + chunk)
+                for j in range(0, num_train_timesteps, steps_per_call):
+                    window = slice(j, j + steps_per_call)  # trained steps in one UNet call
                     with common.autocast(device, precision):  # (b, n): n timesteps of each trajectory
-                        log_prob, _ = common.step_log_prob(pipe, latents[:, js], next_latents[:, js], timesteps[steps[:, js]],
+                        log_prob, _ = common.step_log_prob(pipe, latents[:, window], next_latents[:, window], timesteps[steps[:, window]],
                                                            embeds, neg_embeds, **sample_kw)
                     n = log_prob.shape[1]
-                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, js], adv[:, None], args.clip)
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, window], adv[:, None], args.clip)
                     scaler.scale(loss * n / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
-                    info["policy_loss"].append(loss.detach().expand(n))  # each chunk weighted by its timesteps
+                    info["policy_loss"].append(loss.detach().expand(n))  # each window weighted by its timesteps
                     info["approx_kl"].append(approx_kl.expand(n))
                     info["clipfrac"].append(clipfrac.expand(n))
                     if inner == 0 and m < args.gradient_accumulation_steps:
-                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, js]) - 1).abs().flatten())
+                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, window]) - 1).abs().flatten())
                 if (m + 1) % args.gradient_accumulation_steps == 0:
-                    common.average_gradients(params)
+                    runs.average_gradients(params)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
@@ -320,22 +301,22 @@ if __name__ == "__main__":
                         "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
                         "debug/ratio_dev_at_start": torch.cat(ratio_dev).mean(),
                         "debug/skipped_steps": run.skipped_steps})
-        reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
+        reward_terms = runs.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
         run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)  # once per run, above clip/10
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
-            log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
+            evaluate(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
-            if main:
+            if is_main:
                 run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "stats": stats, "reward_curve": reward_curve})
-                common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
-    if main and reward_curve:
-        common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
+                runs.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+    if is_main and reward_curve:
+        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
                       f"outputs in {run_dir}")
     logger.close()

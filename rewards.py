@@ -16,7 +16,7 @@ authors use, run batched on the device without gradients:
 also returns each term, unweighted, for logging. This module is separate from common.py (the sampler, loading,
 checkpoints) because the reward models and their preprocessing are as long as the environment itself. Imports go
 one way: this module uses common's helpers (`fail`, `to_uint8`, `clip_tokenizer`) and common never imports it; each
-script imports it beside common and wraps `rewards.make(...)` in `common.CheckedReward`.
+script imports it beside common and wraps `rewards.make(...)` in `runs.CheckedReward`.
 """
 
 import importlib
@@ -31,7 +31,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
+import offline
 
 # ----------------------------------------------------------------------------------------------------
 # Weight-free rewards
@@ -67,7 +69,7 @@ def prompt_color(prompt: str) -> tuple:
     for word in prompt.lower().replace(",", " ").split():
         if word in COLORS:
             return COLORS[word]
-    common.fail(f"the color reward needs prompts that name one of {sorted(COLORS)}; {prompt!r} names none "
+    cli.fail(f"the color reward needs prompts that name one of {sorted(COLORS)}; {prompt!r} names none "
                 f"(use --prompts colors or a prompt file with colour names)")
 
 
@@ -203,7 +205,7 @@ class CLIPSimilarity:
 
     PickScore: scale = the model's own exp(logit_scale), no floor (yuvalkirstain/PickScore's inference code).
     CLIPScore: scale 2.5, floored at 0, prefix "A photo depicts " (jmhessel/clipscore).
-    Text: CLIP's BPE (common.clip_tokenizer, the vocabulary every CLIP checkpoint here shares), 77 tokens.
+    Text: CLIP's BPE (offline.clip_tokenizer, the vocabulary every CLIP checkpoint here shares), 77 tokens.
     """
 
     def __init__(self, model, tokenizer, scale: Optional[float] = None, clamp: bool = False, prefix: str = ""):
@@ -231,13 +233,13 @@ def _clip_model(device, source: str):
 
 
 def pickscore(device, weights: Optional[str] = None):
-    return CLIPSimilarity(_clip_model(device, weights or "yuvalkirstain/PickScore_v1"), common.clip_tokenizer())
+    return CLIPSimilarity(_clip_model(device, weights or "yuvalkirstain/PickScore_v1"), offline.clip_tokenizer())
 
 
 def clipscore(device, weights: Optional[str] = None):
     """Hessel et al. used ViT-B/32 (`--reward-weights clipscore=openai/clip-vit-base-patch32`); ViT-L/14 is the
     backbone most text-to-image papers report."""
-    return CLIPSimilarity(_clip_model(device, weights or "openai/clip-vit-large-patch14"), common.clip_tokenizer(),
+    return CLIPSimilarity(_clip_model(device, weights or "openai/clip-vit-large-patch14"), offline.clip_tokenizer(),
                           scale=2.5, clamp=True, prefix="A photo depicts ")
 
 
@@ -598,15 +600,15 @@ def parse_spec(spec: str) -> list:
     for item in spec.split(","):
         name, sep, weight = (part.strip() for part in item.partition(":"))
         if name not in REWARDS:
-            common.fail(f"unknown reward {name!r} in --reward {spec!r}; choose from {', '.join(REWARDS)} ({EXAMPLE})")
+            cli.fail(f"unknown reward {name!r} in --reward {spec!r}; choose from {', '.join(REWARDS)} ({EXAMPLE})")
         try:
             value = float(weight) if sep else 1.0
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
-            common.fail(f"reward weight {weight!r} of {name!r} in --reward {spec!r} is not a finite number ({EXAMPLE})")
+            cli.fail(f"reward weight {weight!r} of {name!r} in --reward {spec!r} is not a finite number ({EXAMPLE})")
         if name in dict(terms):
-            common.fail(f"reward {name!r} appears twice in --reward {spec!r}; give each reward once ({EXAMPLE})")
+            cli.fail(f"reward {name!r} appears twice in --reward {spec!r}; give each reward once ({EXAMPLE})")
         terms.append((name, value))
     return terms
 
@@ -619,14 +621,14 @@ def parse_weights(spec: Optional[str], names: Sequence[str]) -> dict:
             continue
         name, sep, path = (part.strip() for part in item.partition("="))
         if not sep or not path:
-            common.fail(f"--reward-weights {spec!r}: write NAME=PATH[,NAME=PATH...], e.g. --reward-weights aesthetic=mlp.pth")
+            cli.fail(f"--reward-weights {spec!r}: write NAME=PATH[,NAME=PATH...], e.g. --reward-weights aesthetic=mlp.pth")
         if name not in names:
-            common.fail(f"--reward-weights names {name!r}, which --reward does not use ({', '.join(names)})")
+            cli.fail(f"--reward-weights names {name!r}, which --reward does not use ({', '.join(names)})")
         entry = REWARDS[name]
         if not entry.weights:
-            common.fail(f"--reward-weights names {name!r}, which has no weights")
+            cli.fail(f"--reward-weights names {name!r}, which has no weights")
         if not Path(path).expanduser().exists() and not (entry.hub and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
-            common.fail(f"--reward-weights {name}={path}: no such file or folder (expected {entry.weights})")
+            cli.fail(f"--reward-weights {name}={path}: no such file or folder (expected {entry.weights})")
         out[name] = str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
     return out
 
@@ -652,7 +654,7 @@ def load(name: str, device, weights: Optional[str] = None) -> Callable:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to fetch or read weights is the same user error
         detail = " ".join(f"{type(e).__name__}: {e}".split())[:160]
-        common.fail(f"the {name} reward's weights could not be loaded ({detail}); download them and pass "
+        cli.fail(f"the {name} reward's weights could not be loaded ({detail}); download them and pass "
                     f"--reward-weights {name}=PATH ({entry.weights}), or use --reward color offline")
 
 

@@ -1,19 +1,21 @@
-"""Run folders: where a run writes, what it resumes, and the checks that keep its checkpoints sound.
+"""The run's machinery: its flags, its folder, its checkpoints, its processes, its logs.
 
-A run folder holds one run's history: TensorBoard events, image grids, and checkpoints/epoch_N, each the LoRA
-weights in diffusers' format plus a training state. Before the model loads, `start` decides what a run resumes and
-where it writes, checks that the resumed checkpoint comes from the same script and the same experiment, and locks
-the folder for the run's life. `Run.save` writes checkpoints atomically and only from finite weights. From then on,
-a Ctrl-C or a write the machine refuses (a full disk) ends the run in one line that says how to continue.
-
-The scripts reach this module through `runs.start`, `runs.load_checkpoint`, `runs.load_optimizer` and the `Run`
-that `start` returns; common.py keeps the environment (models, sampling, prompts, logging).
+`validate_args` gives the flags left unset their model family's defaults and checks every shared flag before anything
+loads (the rules are cli.py's). `start` then decides, still before the model loads, what a run resumes and where it
+writes: it checks that the resumed checkpoint comes from the same script and the same experiment, and locks the run
+folder for the run's life. A run folder holds one run's history: TensorBoard events, image grids, and
+checkpoints/epoch_N, each the LoRA weights in diffusers' format plus a training state; `Run.save` writes them
+atomically and only from finite weights. From then on, a Ctrl-C or a write the machine refuses (a full disk) ends
+the run in one line that says how to continue. Below those: the torchrun helpers (`setup_distributed`, `gather`,
+`average_gradients`), the reward's checks (`CheckedReward`), the fixed evaluation every script runs (`Evaluation`),
+and the logger, image grids and progress bars. The method itself is the scripts'; the sampler, common.py's.
 """
 
 import atexit
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,12 +25,51 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
 
+import cli
 import common
-from common import fail, one_line, print0
+from cli import fail, one_line
+
+# ----------------------------------------------------------------------------------------------------
+# Flags: the family's defaults and every shared flag's range, before anything loads
+# ----------------------------------------------------------------------------------------------------
+
+
+def fill_family_defaults(args, sd_defaults: dict):
+    """Set the sampling flags left unset (None) to the loaded model family's values: `sd_defaults` (over
+    SD_COMMON_DEFAULTS) on SD 1.x/2.x, FLOW_DEFAULTS on SD 3.x; a value given on the command line is kept. An unset
+    --eval-eta stays unset on SD 1.x/2.x (the scripts then evaluate with --eta, as they always have). Then --eta and
+    --eval-eta are checked against the family's rule (ETA_RULES)."""
+    family = common.model_family(args.model)
+    for name, value in (cli.FLOW_DEFAULTS if family == "flow" else {**cli.SD_COMMON_DEFAULTS, **sd_defaults}).items():
+        if getattr(args, name, False) is None:
+            setattr(args, name, value)
+    for name, (requirement, ok) in cli.ETA_RULES[family].items():
+        if getattr(args, name, None) is not None and not ok(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
+
+
+def validate_args(args, sd_defaults: Optional[dict] = None):
+    """Stop in one line on a flag value that would crash later or silently change the algorithm (ranges, NaN,
+    divisibility of the shared sizes). Called by every script right after parsing, before anything is loaded
+    or written; checks the flags by name, so a script gets exactly the checks of the flags it has. From here on a
+    Ctrl-C ends the process in one line (exit_in_one_line; runs.start names the run folder later). First the
+    sampling flags left unset (None) take the model family's defaults: `sd_defaults` (the script's) or FLOW_DEFAULTS."""
+    cli.exit_in_one_line(lambda: "nothing was written; run it again")  # from here on: Ctrl-C is one line
+    fill_family_defaults(args, sd_defaults or {})
+    cli.check_flags(args)
+    if hasattr(args, "timestep_fraction") and int(args.num_steps * args.timestep_fraction) < 1:
+        fail(f"--timestep-fraction {args.timestep_fraction} of --num-steps {args.num_steps} trains "
+             f"int({args.num_steps * args.timestep_fraction:g}) = 0 timesteps per trajectory; use at least {1 / args.num_steps:g}")
+    if args.sample_batch_size % args.k:
+        fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
+
+
 
 # ----------------------------------------------------------------------------------------------------
 # Optimiser and GradScaler state
@@ -433,7 +474,7 @@ class Run:
         note = (f"{', '.join(renamed)} held these weights and became *.diverged" if renamed else
                 f"these are the weights of the resumed checkpoint {str(self.checkpoint)!r}: resume an earlier one"
                 if self.resumed_weights else "no checkpoint holds these weights")
-        fail(f"{what}: the model diverged ({common.divergence_hint(self.args)}); {note}")
+        fail(f"{what}: the model diverged ({cli.divergence_hint(self.args)}); {note}")
 
     def save(self, epoch: int, unet, state: dict):
         """This run's checkpoint of `epoch`: checkpoints/epoch_NNNN, its training state carrying the run's record."""
@@ -558,5 +599,267 @@ def start(args, script: str, dist) -> Run:
             print0(f"--fork: this run branches from {checkpoint} into {run_dir}, changing {', '.join(changed)}",
                    enabled=enabled)
     run = Run(run_dir, record, args, checkpoint, enabled, resumed_weights=checkpoint is not None)
-    common.exit_in_one_line(run.next_step, enabled, run_dir)  # Ctrl-C or a full disk from here on: one line
+    cli.exit_in_one_line(run.next_step, enabled, run_dir)  # Ctrl-C or a full disk from here on: one line
     return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.distributed (torchrun): one process per device
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str] = None) -> Dist:
+    """One process per device under `torchrun` (NCCL on GPU, gloo on CPU); a plain run is world size 1. A process
+    that waits longer than `cli.collective_timeout()` for the others ends the job (cli.TIMEOUT_VARIABLE)."""
+    import datetime
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        dev = torch.device(f"cuda:{local}" if cuda else "cpu") if device in (None, "cuda") else torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r} is not a device torch knows; use cuda, cuda:N or cpu")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"--device {device}: the scripts run on cuda, cuda:N or cpu, not on {dev.type} devices")
+    if cuda and not torch.cuda.is_available():
+        fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or leave --device out)")
+    if cuda and (dev.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use a lower index")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None,
+                                timeout=datetime.timedelta(seconds=cli.collective_timeout()))
+        # torn down explicitly: left to the interpreter's exit, gloo's threads sometimes abort a finished process
+        # ("terminate called without an active exception", about 1 run in 4 of a 2-process CPU run here)
+        atexit.register(dist.destroy_process_group)
+    return Dist(rank=dist.get_rank() if world > 1 else 0, world_size=world, device=dev)
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every process in rank order (identity on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def average_gradients(params):
+    """All-reduce the accumulated gradients to their mean over processes (what DDP does, once per step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])  # one collective, not one per tensor
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_flag(flag: bool, device) -> bool:
+    """True on every process if it is True on any (used to stop all processes together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reward's checks, the fixed evaluation, logging and images
+# ----------------------------------------------------------------------------------------------------
+
+
+class CheckedReward:
+    """A reward with the checks every method needs, in one place.
+
+    A reward that raises stops the run in one line; so does one that does not return one number per image. Images
+    that are not finite (a diverged model, an overflowing sampler) get a NaN reward and are counted on the device
+    (no host sync per call), so that `check` can tell a diverged model from a broken reward: a reward of NaN images
+    is not the reward's fault, and a reward such as JPEG size would otherwise score them as if they were fine.
+    """
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name, self.nonfinite_images = fn, name, 0
+
+    @property
+    def names(self) -> list:
+        """The names of the reward's terms (rewards.WeightedSum)."""
+        return self.fn.names
+
+    def __call__(self, images, prompts, components: bool = False):
+        """The reward (B,); with `components`, also its unweighted terms (B, C), as rewards.WeightedSum returns them."""
+        try:
+            rewards, terms = self.fn(images, prompts, components=True) if components else (self.fn(images, prompts), None)
+        except Exception as e:  # noqa: BLE001 - whatever a reward raises is reported the same way
+            fail(f"reward {self.name!r} raised {one_line(e)}; no update was made with these samples and earlier "
+                 f"checkpoints are intact: fix the reward function")
+        if not isinstance(rewards, torch.Tensor) or rewards.shape != images.shape[:1]:
+            fail(f"reward {self.name!r} returned {getattr(rewards, 'shape', type(rewards).__name__)} for "
+                 f"{images.shape[0]} images; a reward returns a ({images.shape[0]},) tensor, one number per image")
+        finite = torch.isfinite(images).flatten(1).all(1)  # (B,)
+        self.nonfinite_images = self.nonfinite_images + (~finite).sum()
+        rewards = torch.where(finite, rewards.float(), torch.nan)
+        return (rewards, terms) if components else rewards
+
+    def check(self, rewards, epoch: int, run):
+        """Stop (every process together) if any image since the last check, or any of `rewards`, is not finite."""
+        bad_images = broadcast_flag(bool(self.nonfinite_images), rewards.device)
+        self.nonfinite_images = 0
+        if bad_images:
+            run.diverged(f"the sampler produced non-finite images at epoch {epoch}, so no update was made with them")
+        if not torch.isfinite(rewards).all():
+            fail(f"reward {self.name!r} returned non-finite values for finite images at epoch {epoch}; no update was made "
+                 f"and earlier checkpoints are intact: check the reward function and its inputs")
+
+
+class Evaluation:
+    """The fixed evaluation of every script, before, during and after training: the same prompts (the set's held-out
+    counterpart where one exists: common.load_eval_prompts) and the same noise (common.evaluate) at every call, so that
+    images and rewards compare across epochs, and between methods run with the same seed.
+
+    A call samples at --num-steps (the training count: its grid goes to images/TAG.png and TensorBoard) and at every
+    --eval-num-steps, with --eval-eta (unset: --eta), and logs eval/reward_mean, eval/reward_mean_Nsteps and the gain
+    eval/reward_gain_Nsteps over the model before training: `before`, the dict that the call tagged "before" fills and
+    the checkpoints keep. Only the main process evaluates."""
+
+    def __init__(self, args, pipe, prompts, reward_fn, neg_embeds, precision: str, logger, run_dir: Path,
+                 before: dict, enabled: bool):
+        self.args, self.pipe, self.prompts, self.reward_fn, self.neg_embeds = args, pipe, prompts, reward_fn, neg_embeds
+        self.precision, self.logger, self.run_dir, self.before, self.enabled = precision, logger, run_dir, before, enabled
+
+    def __call__(self, step: int, tag: str):
+        if not self.enabled:
+            return
+        args, device = self.args, common.denoiser(self.pipe).device
+        eta = args.eta if args.eval_eta is None else args.eval_eta
+        means = {}  # mean eval reward per step count: --num-steps (the training one), then --eval-num-steps
+        for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
+            with common.autocast(device, self.precision):
+                images, rewards = common.evaluate(self.pipe, self.prompts, self.reward_fn, self.neg_embeds,
+                                                  num_steps=num_steps, guidance=args.guidance, eta=eta, seed=args.seed)
+            means[num_steps] = rewards.mean().item()
+            if num_steps == args.num_steps:  # the image grid is of the training step count
+                captions = [f"{r:.3f} {p}" for p, r in zip(self.prompts, rewards.tolist())]
+                grid = image_grid(images, captions)
+                (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
+                grid.save(self.run_dir / "images" / f"{tag}.png")
+                self.logger.image("images/eval", grid, step)
+        if tag == "before":
+            self.before.update(means)  # the reference of every later gain (saved in checkpoints)
+        gains = {n: mean - self.before[n] for n, mean in means.items() if n in self.before}
+        self.logger.scalars({"eval/reward_mean": means[args.num_steps],
+                             **{f"eval/reward_mean_{n}steps": m for n, m in means.items()},
+                             **{f"eval/reward_gain_{n}steps": g for n, g in gains.items()}}, step)
+        print0(f"eval reward ({tag}): " + ", ".join(
+            f"{n} steps {m:.4f}" + (f" ({gains[n]:+.4f})" if n in gains else "") for n, m in means.items()))
+
+
+class Logger:
+    """TensorBoard (and wandb with `track`) on the main process; a no-op on the others."""
+
+    def __init__(self, run_dir: Path, config: dict, enabled: bool, track: bool = False, project: str = "diffusion-rl"):
+        self.enabled, self.wandb = enabled, None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        try:  # the run folder is created here, once the model and any checkpoint have loaded: the run can start
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create the run folder {str(run_dir)!r} ({one_line(e)}); choose a writable --output-dir")
+        if track:
+            import wandb
+
+            self.wandb = wandb.init(project=project, name=run_dir.name, config=config, sync_tensorboard=True, dir=str(run_dir))
+        self.writer = SummaryWriter(str(run_dir))
+        rows = "\n".join(f"|{k}|{v}|" for k, v in config.items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+
+    def scalars(self, values: dict, step: int):
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def image(self, tag: str, image: Image.Image, step: int):
+        if self.enabled:
+            import numpy as np
+
+            self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+    def close(self):
+        """The end of a run, on every process: the logs are closed, and under torchrun the processes wait for each other
+        so that none tears down its connections while another still uses them (gloo aborted a finished process with
+        "terminate called without an active exception" in about 1 run in 10 without this)."""
+        if self.enabled:
+            self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def image_grid(images: torch.Tensor, captions: Sequence[str] = (), ncols: int = 8, size: int = 128, lines: int = 3) -> Image.Image:
+    """Tile images (B, 3, H, W) in [0, 1] into a grid, each with its caption under it (wrapped to `lines` lines)."""
+    import textwrap
+
+    pils = [im.resize((size, size), Image.NEAREST if im.width < size else Image.BICUBIC) for im in common.to_uint8(images)]
+    wrapped = [textwrap.wrap(str(c), size // 6, max_lines=lines, placeholder="..") for c in captions]
+    ncols = min(ncols, len(pils))
+    nrows, cap = math.ceil(len(pils) / ncols), 12 * max(map(len, wrapped), default=0) + 2 * bool(captions)
+    grid = Image.new("RGB", (ncols * size, nrows * (size + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(pils):
+        x, y = (i % ncols) * size, (i // ncols) * (size + cap)
+        grid.paste(im, (x, y))
+        for j, line in enumerate(wrapped[i] if captions else ()):
+            draw.text((x + 2, y + size + 1 + 12 * j), line, fill="black")
+    return grid
+
+
+def plot_curve(values: Sequence[float], path: Union[str, Path], title: str = "reward", size=(480, 300)):
+    """A line plot as PNG with PIL alone (no plotting dependency): x = epoch, y = value."""
+    w, h, pad = size[0], size[1], 36
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1e-6
+    xy = [(pad + i * (w - 2 * pad) / max(len(values) - 1, 1), h - pad - (v - lo) / (hi - lo) * (h - 2 * pad))
+          for i, v in enumerate(values)]
+    draw.rectangle([pad, pad, w - pad, h - pad], outline="gray")
+    if len(xy) > 1:
+        draw.line(xy, fill="blue", width=2)
+    draw.text((pad, 8), f"{title}: {values[0]:.4f} -> {values[-1]:.4f}", fill="black")
+    draw.text((2, pad - 4), f"{hi:.3f}", fill="black")
+    draw.text((2, h - pad - 4), f"{lo:.3f}", fill="black")
+    draw.text((w // 2 - 20, h - pad + 10), f"epoch (0-{len(values) - 1})", fill="black")
+    img.save(path)
+
+
+def progress(iterable=None, enabled: bool = True, **kwargs):
+    """A tqdm bar on the main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+def print0(*args, enabled: bool = True, **kwargs):
+    """print on the main process only."""
+    if enabled:
+        print(*args, flush=True, **kwargs)

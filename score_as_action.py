@@ -24,12 +24,13 @@ from typing import Literal, Optional
 import torch
 import tyro
 
+import cli
 import common
 import rewards
 import runs
 
 
-# Sampling defaults on SD 1.x/2.x; an SD 3.x model takes Flow-GRPO's (common.FLOW_DEFAULTS)
+# Sampling defaults on SD 1.x/2.x; an SD 3.x model takes Flow-GRPO's (cli.FLOW_DEFAULTS)
 SD_DEFAULTS = dict(num_steps=50, eta=1.0, guidance=7.0)  # SaA
 
 
@@ -221,25 +222,25 @@ class ValueNet(torch.nn.Module):  # SaA
 
 
 @torch.no_grad()
-def denoised_rewards(pipe, reward_fn, pred_x0, texts, chunk: int):  # SaA
-    """r(decode(x0_hat), c) of every state of B trajectories, pred_x0 (B, T, C, h, w) -> (B, T), in calls of `chunk`."""
+def denoised_rewards(pipe, reward_fn, pred_x0, texts, per_call: int):  # SaA
+    """r(decode(x0_hat), c) of every state of B trajectories, pred_x0 (B, T, C, h, w) -> (B, T), in calls of `per_call`."""
     b, num_steps = pred_x0.shape[:2]
     flat, flat_texts = pred_x0.flatten(0, 1), [text for text in texts for _ in range(num_steps)]
-    return torch.cat([reward_fn(common.decode_latents(pipe, flat[i : i + chunk]), flat_texts[i : i + chunk])
-                      for i in range(0, len(flat), chunk)]).view(b, num_steps)
+    return torch.cat([reward_fn(common.decode_latents(pipe, flat[i : i + per_call]), flat_texts[i : i + per_call])
+                      for i in range(0, len(flat), per_call)]).view(b, num_steps)
 
 
 @torch.no_grad()
-def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guidance, eta, chunk: int):  # SaA
+def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guidance, eta, per_call: int):  # SaA
     """kl_terms of every state x_{t_k} of B trajectories, latents (B, T+1, ...) -> (B, T): s_theta and s_pre (the
-    same UNet with LoRA disabled) both CFG-guided with the same w, in UNet calls of `chunk` states. On a flow model
+    same UNet with LoRA disabled) both CFG-guided with the same w, in UNet calls of `per_call` states. On a flow model
     (SD 3.x) each step's exact Gaussian KL, summed over dimensions: w_t |v_theta - v_pre|^2 (docs/flow.md)."""
     b = latents.shape[0]
     x, t = latents[:, :-1].flatten(0, 1), timesteps.repeat(b)  # (B*T, C, h, w), (B*T,)
     c = embeds.repeat_interleave(len(timesteps), dim=0)
     out = []
-    for i in range(0, len(x), chunk):
-        xi, ti, ci = x[i : i + chunk], t[i : i + chunk], c[i : i + chunk]
+    for i in range(0, len(x), per_call):
+        xi, ti, ci = x[i : i + per_call], t[i : i + per_call], c[i : i + per_call]
         if common.is_flow(pipe):
             v = common.guided_output(pipe, xi, ti, ci, neg_embeds, guidance)
             with common.adapters_disabled(pipe.transformer):
@@ -268,26 +269,26 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
-    dist = common.setup_distributed(args.device)
-    device, main = dist.device, dist.is_main
+    runs.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
+    dist = runs.setup_distributed(args.device)
+    device, is_main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
     samples_per_process = args.sample_batch_size * args.num_batches_per_epoch
     images_per_epoch = samples_per_process * dist.world_size
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
-    chunk = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
+    steps_per_call = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
-        common.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
+        cli.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
                     f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
     if args.beta < 0 or (args.beta > 0 and args.lora_rank == 0):  # SaA
-        common.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0) to disable for s_pre")
+        cli.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0) to disable for s_pre")
     if args.value_batch_size < 1 or args.value_epochs < 0:  # SaA
-        common.fail("--value-batch-size must be >= 1 and --value-epochs >= 0")
-    common.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
+        cli.fail("--value-batch-size must be >= 1 and --value-epochs >= 0")
+    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
                   f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
-                  f"trained timesteps per trajectory", enabled=main)
+                  f"trained timesteps per trajectory", enabled=is_main)
 
     run = runs.start(args, Path(__file__).stem, dist)  # what to resume and where to write, checked
     checkpoint, run_dir = run.checkpoint, run.dir
@@ -296,7 +297,7 @@ if __name__ == "__main__":
 
     prompts = common.load_prompts(args.prompts, args.prompt_file)
     eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
-    reward_fn = common.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
+    reward_fn = runs.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
                                      args.reward)  # the prompts are checked against the reward before it loads
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
@@ -324,48 +325,28 @@ if __name__ == "__main__":
         runs.load_optimizer(value_optimizer, state["value_optimizer"])  # SaA
         start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # SaA
         eval_before = state["eval_before"]
-        common.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=main)
+        runs.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=is_main)
     # the run folder is created only now that the model and any checkpoint have loaded: the run can start
-    logger = common.Logger(run_dir, vars(args), enabled=main, track=args.track, project=args.wandb_project)
+    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track, project=args.wandb_project)
 
-    def log_images(step: int, tag: str):  # fixed prompts and noise, so grids and rewards compare across epochs
-        if not main:
-            return
-        means = {}  # mean eval reward per step count: --num-steps (the training one), then --eval-num-steps
-        for num_steps in dict.fromkeys([args.num_steps, *args.eval_num_steps]):
-            with common.autocast(device, precision):
-                images, rewards = common.evaluate(pipe, eval_prompts, reward_fn, neg_embeds, seed=args.seed,
-                                                  **dict(sample_kw, num_steps=num_steps,
-                                                         eta=args.eta if args.eval_eta is None else args.eval_eta))
-            means[num_steps] = rewards.mean().item()
-            if num_steps == args.num_steps:  # the image grid is of the training step count
-                grid = common.image_grid(images, [f"{r:.3f} {p}" for p, r in zip(eval_prompts, rewards.tolist())])
-                (run_dir / "images").mkdir(parents=True, exist_ok=True)
-                grid.save(run_dir / "images" / f"{tag}.png")
-                logger.image("images/eval", grid, step)
-        if tag == "before":
-            eval_before.update(means)  # the reference of every later gain (saved in checkpoints)
-        gains = {n: mean - eval_before[n] for n, mean in means.items() if n in eval_before}
-        logger.scalars({"eval/reward_mean": means[args.num_steps], **{f"eval/reward_mean_{n}steps": m for n, m in means.items()},
-                        **{f"eval/reward_gain_{n}steps": g for n, g in gains.items()}}, step)
-        common.print0(f"eval reward ({tag}): " + ", ".join(f"{n} steps {m:.4f}" + (f" ({gains[n]:+.4f})" if n in gains else "")
-                                                          for n, m in means.items()))
+    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision, logger, run_dir,
+                               eval_before, enabled=is_main)  # fixed prompts and noise: comparable across epochs
 
     if start_epoch == 0 and args.image_every > 0:
-        log_images(0, "before")
-    bar = common.progress(range(start_epoch, args.num_epochs), enabled=main, desc="epochs", initial=start_epoch,
+        evaluate(0, "before")
+    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs", initial=start_epoch,
                           total=args.num_epochs)
     for epoch in bar:
         t0 = time.time()
         # SAMPLING
         # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
         # this process takes its slice, so the samples do not depend on how many processes share them.
-        g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
-        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=g).repeat_interleave(args.k)
+        rng = common.generator("cpu", args.seed, epoch, common.Stream.PROMPTS)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng).repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         denoiser.eval()
         batches = []
-        for b in common.progress(range(args.num_batches_per_epoch), enabled=main, desc="sampling", leave=False):
+        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main, desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
@@ -373,18 +354,18 @@ if __name__ == "__main__":
             with common.autocast(device, precision):
                 traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, return_pred_x0=True,  # SaA: Tweedie x0_hat
                                      generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
-                kl = (sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds, **sample_kw, chunk=len(ids))
+                kl = (sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds, **sample_kw, per_call=len(ids))
                       if args.beta > 0 else torch.zeros_like(traj.log_probs))  # SaA: (B, T) KL terms
             rewards, reward_terms = reward_fn(traj.images, texts, components=True)  # (B,) weighted sum, (B, C) terms
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, embeds=embeds,
                                 rewards=rewards, reward_terms=reward_terms, kl=kl,  # SaA: and r(decode(x0_hat)) (B, T)
-                                x0_rewards=denoised_rewards(pipe, reward_fn, traj.pred_x0, texts, chunk=len(ids))))
+                                x0_rewards=denoised_rewards(pipe, reward_fn, traj.pred_x0, texts, per_call=len(ids))))
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
 
         # REWARDS AND ADVANTAGES
-        rewards = common.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
-        reward_fn.check(torch.cat([rewards, common.gather(samples["x0_rewards"]).flatten()]), epoch, run)  # SaA
+        rewards = runs.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
+        reward_fn.check(torch.cat([rewards, runs.gather(samples["x0_rewards"]).flatten()]), epoch, run)  # SaA
         # SaA: the KL is a running reward paid at the step that causes it, rr_k = -beta * kl_k (docs/score_as_action.md, 8).
         # V_phi is fitted first (MSE of the structured value to the reward-to-go r + sum_{j >= k} rr_j), then gives every
         # state's value for A_k = rr_k + V(t_{k+1}, x_{k+1}) - V(t_k, x_k).
@@ -397,15 +378,15 @@ if __name__ == "__main__":
             return structured_value(timesteps[steps], samples["x0_rewards"][rows, steps], v_phi, horizon)
 
         num_states = samples_per_process * args.num_steps
-        g = common.generator(device, args.seed, epoch, common.SHUFFLE, -1, dist.rank)  # inner epoch -1: V_phi's own
+        rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, -1, dist.rank)  # inner epoch -1: V_phi's own
         value_losses = []
         for _ in range(args.value_epochs):
-            order = torch.randperm(num_states, generator=g, device=device)
+            order = torch.randperm(num_states, generator=rng, device=device)
             for lo in range(0, num_states, args.value_batch_size):
                 flat = order[lo : lo + args.value_batch_size]
                 value_loss = (state_values(flat) - targets.flatten()[flat]).pow(2).mean()
                 value_loss.backward()
-                common.average_gradients(value_params)
+                runs.average_gradients(value_params)
                 torch.nn.utils.clip_grad_norm_(value_params, args.max_grad_norm)
                 value_optimizer.step()
                 value_optimizer.zero_grad(set_to_none=True)
@@ -413,7 +394,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             all_states = torch.arange(num_states, device=device).split(args.value_batch_size)
             values = torch.cat([state_values(flat) for flat in all_states]).view(-1, args.num_steps)  # (N, T)
-        advantages = common.gather(step_advantages(values, samples["rewards"], running_rewards))
+        advantages = runs.gather(step_advantages(values, samples["rewards"], running_rewards))
         advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
         samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
         reward_curve.append(rewards.mean().item())
@@ -423,32 +404,32 @@ if __name__ == "__main__":
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
         ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
         for inner in range(args.num_inner_epochs):
-            g = common.generator(device, args.seed, epoch, common.SHUFFLE, inner, dist.rank)
-            perm = torch.randperm(samples_per_process, generator=g, device=device)
+            rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, inner, dist.rank)
+            perm = torch.randperm(samples_per_process, generator=rng, device=device)
             # (N, T_train) step indices: each trajectory's own random subset (SD 1.x/2.x), or the first ones (SD 3.x)
-            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps, num_train_timesteps, g, device)
-            for m in common.progress(range(minibatches), enabled=main, desc="training", leave=False):
+            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps, num_train_timesteps, rng, device)
+            for m in runs.progress(range(minibatches), enabled=is_main, desc="training", leave=False):
                 idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
                 steps = step_perm[idx]  # (b, T_train)
                 rows = idx[:, None]
                 latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
                 old_log_probs, embeds = samples["log_probs"][rows, steps], samples["embeds"][idx]
                 adv = samples["advantages"][rows, steps]  # SaA: (b, T_train), one advantage per step
-                for j in range(0, num_train_timesteps, chunk):  # `chunk` trained timesteps per UNet call
-                    js = slice(j, j + chunk)
+                for j in range(0, num_train_timesteps, steps_per_call):
+                    window = slice(j, j + steps_per_call)  # trained steps in one UNet call
                     with common.autocast(device, precision):  # (b, n): n timesteps of each trajectory
-                        log_prob, _ = common.step_log_prob(pipe, latents[:, js], next_latents[:, js], timesteps[steps[:, js]],
+                        log_prob, _ = common.step_log_prob(pipe, latents[:, window], next_latents[:, window], timesteps[steps[:, window]],
                                                            embeds, neg_embeds, **sample_kw)
                     n = log_prob.shape[1]
-                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, js], adv[:, js], args.clip)  # SaA
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, window], adv[:, window], args.clip)  # SaA
                     scaler.scale(loss * n / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
-                    info["policy_loss"].append(loss.detach().expand(n))  # each chunk weighted by its timesteps
+                    info["policy_loss"].append(loss.detach().expand(n))  # each window weighted by its timesteps
                     info["approx_kl"].append(approx_kl.expand(n))
                     info["clipfrac"].append(clipfrac.expand(n))
                     if inner == 0 and m < args.gradient_accumulation_steps:
-                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, js]) - 1).abs().flatten())
+                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, window]) - 1).abs().flatten())
                 if (m + 1) % args.gradient_accumulation_steps == 0:
-                    common.average_gradients(params)
+                    runs.average_gradients(params)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
@@ -468,23 +449,23 @@ if __name__ == "__main__":
             metrics["losses/value_loss"] = torch.stack(value_losses).mean()
         if args.beta > 0:  # SaA: sum_k of the per-step KL terms, per trajectory
             metrics["losses/kl_to_ref"] = samples["kl"].sum(1).mean()
-        reward_terms = common.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
+        reward_terms = runs.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
         metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
         run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)  # once per run, above clip/10
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
-            log_images(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
+            evaluate(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
-            if main:
+            if is_main:
                 run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
                     "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
                     "eval_before": eval_before,
                     "scaler": scaler.state_dict(), "value_net": value_net.state_dict(),  # SaA
                     "value_optimizer": value_optimizer.state_dict(), "reward_curve": reward_curve})
-                common.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
-    if main and reward_curve:
-        common.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
+                runs.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+    if is_main and reward_curve:
+        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
                       f"outputs in {run_dir}")
     logger.close()

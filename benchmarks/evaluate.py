@@ -24,6 +24,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import common  # noqa: E402
 import evaluate as evaluator  # noqa: E402 - the top-level evaluate.py: its fixed noise is this one's
 import runs  # noqa: E402
@@ -62,13 +63,13 @@ class Args:
 
 def check(args: Args):
     if args.images < 1 or not args.steps or min(args.steps) < 1 or max(args.steps) > 1000 or args.kl_steps < 0:
-        common.fail("--images and --steps must be at least 1 (steps at most 1000), --kl-steps at least 0")
-    common.check_flags(args, common.ETA_RULES["sd"])  # --guidance, --eta, --lora-rank, --lora-alpha as the scripts
+        cli.fail("--images and --steps must be at least 1 (steps at most 1000), --kl-steps at least 0")
+    cli.check_flags(args, cli.ETA_RULES["sd"])  # --guidance, --eta, --lora-rank, --lora-alpha as the scripts
     if args.out is not None and not Path(args.out).resolve().parent.is_dir():
-        common.fail(f"--out {args.out}: its folder does not exist; create it or choose another --out")
+        cli.fail(f"--out {args.out}: its folder does not exist; create it or choose another --out")
     for name in args.prompts:
         if name not in common.prompt_sets():
-            common.fail(f"--prompts {name}: not a prompt set; choose from {', '.join(common.prompt_sets())}")
+            cli.fail(f"--prompts {name}: not a prompt set; choose from {', '.join(common.prompt_sets())}")
 
 
 def cycled(name: str, n: int) -> list:
@@ -108,11 +109,11 @@ def evaluate(args: Args) -> dict:
     path, state = runs.find_checkpoint(args.checkpoint)
     flags = state.get("record", {}).get("flags", {}) if isinstance(state.get("record"), dict) else {}
     if flags.get("model", common.SHAPES) != common.SHAPES:
-        common.fail(f"{path} is a checkpoint of --model {flags['model']}; this evaluates shapes-world checkpoints only")
+        cli.fail(f"{path} is a checkpoint of --model {flags['model']}; this evaluates shapes-world checkpoints only")
     for name in ("lora_rank", "lora_alpha"):
         ours = getattr(args, name) if name == "lora_rank" or args.lora_alpha is not None else float(args.lora_rank)
         if name in flags and flags[name] != ours:
-            common.fail(f"{path} was trained with --{name.replace('_', '-')} {flags[name]}; pass the same value here")
+            cli.fail(f"{path} was trained with --{name.replace('_', '-')} {flags[name]}; pass the same value here")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = common.load_pipeline("shapes", device, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     runs.load_checkpoint(path, pipe.unet)
@@ -131,7 +132,7 @@ def evaluate(args: Args) -> dict:
                 else:
                     traj, _ = sample_set(pipe, prompts, neg, steps=steps, args=args, key=key)
                 if not torch.isfinite(traj.images).all():
-                    common.fail(f"the {when} model gave non-finite images at {steps} steps (--guidance "
+                    cli.fail(f"the {when} model gave non-finite images at {steps} steps (--guidance "
                                 f"{args.guidance:g}, or diverged weights): nothing to score")
                 row[f"reward_{when}"] = world.reward(traj.images, prompts).mean().item()
                 row[f"judged_{when}"] = world.judge(traj.images, prompts).float().mean().item()

@@ -24,6 +24,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import common  # noqa: E402
 import world  # noqa: E402
 
@@ -49,7 +50,7 @@ class Args:
 @torch.no_grad()
 def main(args: Args):
     if args.images < 2 or args.count < 1:
-        common.fail("--images must be at least 2 (a spread needs two samples) and --count at least 1")
+        cli.fail("--images must be at least 2 (a spread needs two samples) and --count at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = common.load_pipeline("shapes", "cpu")
@@ -71,7 +72,7 @@ def main(args: Args):
     eligible = [r for r in rows if r[3] <= args.max_judged and r[2] >= args.min_spread]
     chosen = sorted(eligible, key=lambda r: (r[3], r[1]))[:args.count]
     if len(chosen) < args.count:
-        common.fail(f"only {len(chosen)} pairs meet --max-judged {args.max_judged} and --min-spread {args.min_spread}")
+        cli.fail(f"only {len(chosen)} pairs meet --max-judged {args.max_judged} and --min-spread {args.min_spread}")
     mean = lambda i: sum(r[i] for r in chosen) / len(chosen)
     print(f"\nchosen {len(chosen)} of {len(eligible)} eligible: reward {mean(1):.3f}, judged right {mean(3):.0%} "
           f"(all 60: {sum(r[1] for r in rows) / len(rows):.3f}, {sum(r[3] for r in rows) / len(rows):.0%})")

@@ -22,7 +22,9 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import common  # noqa: E402
+import runs  # noqa: E402
 
 
 @dataclass
@@ -57,9 +59,9 @@ def timed(fn, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.fill_family_defaults(args, dict(num_steps=20, guidance=5.0, eta=1.0))
+    runs.fill_family_defaults(args, dict(num_steps=20, guidance=5.0, eta=1.0))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    common.exit_in_one_line(lambda: "nothing was written; run it again")  # Ctrl-C: one line
+    cli.exit_in_one_line(lambda: "nothing was written; run it again")  # Ctrl-C: one line
     precision = common.resolve_precision(args.mixed_precision, device)
     common.speed_flags(device)
     pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=0,

@@ -40,9 +40,11 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import common  # noqa: E402
 import ppo  # noqa: E402
 import rewards  # noqa: E402
+import runs  # noqa: E402
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 PHASES = ("sampling", "decode", "reward", "training", "optimiser")
@@ -159,7 +161,7 @@ def load(args, precision: str, device):
 
 
 def draw_prompts(args, prompts, epoch):
-    g = common.generator("cpu", args.seed, epoch, common.PROMPTS)
+    g = common.generator("cpu", args.seed, epoch, common.Stream.PROMPTS)
     return [prompts[i] for i in torch.randint(len(prompts), (args.batch,), generator=g).tolist()]
 
 
@@ -181,7 +183,7 @@ def train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoc
     evaluated transition, both flat."""
     b, tb, num_train = len(advantages), args.train_batch_size or args.batch, max(1, int(args.num_steps * args.timestep_fraction))
     common.denoiser(pipe).train()
-    g = common.generator(device, args.seed, epoch, common.SHUFFLE)
+    g = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE)
     perm = torch.randperm(b, generator=g, device=device)
     step_perm = torch.argsort(torch.rand(b, args.num_steps, generator=g, device=device), dim=1)[:, :num_train]
     deviation, at = [], []
@@ -287,16 +289,16 @@ def gib(n: float) -> str:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.fill_family_defaults(args, dict(num_steps=50, guidance=5.0, eta=1.0))  # the unset ones: the family's
-    common.check_flags(args, {  # the flags it shares with the scripts as they check them, and its own
+    runs.fill_family_defaults(args, dict(num_steps=50, guidance=5.0, eta=1.0))  # the unset ones: the family's
+    cli.check_flags(args, {  # the flags it shares with the scripts as they check them, and its own
         "train_batch_size": ("an integer >= 1, or omitted for --batch", lambda v: v is None or v >= 1),
         "matmul_size": ("an integer >= 1, or omitted for the device's default", lambda v: v is None or v >= 1)})
     if args.batch < 1 or args.warmup < 0 or not 1 <= args.num_steps <= 1000 or not 0 < args.timestep_fraction <= 1:
-        common.fail("--batch >= 1, --warmup >= 0, --num-steps in [1, 1000] and --timestep-fraction in (0, 1] are required")
+        cli.fail("--batch >= 1, --warmup >= 0, --num-steps in [1, 1000] and --timestep-fraction in (0, 1] are required")
     if args.train_batch_size is not None and not (1 <= args.train_batch_size and args.batch % args.train_batch_size == 0):
-        common.fail(f"--train-batch-size {args.train_batch_size} must divide --batch {args.batch}")
-    device = common.setup_distributed(args.device).device  # one line for a device that is not there
-    common.exit_in_one_line(lambda: "nothing was written; run it again")  # Ctrl-C: one line
+        cli.fail(f"--train-batch-size {args.train_batch_size} must divide --batch {args.batch}")
+    device = runs.setup_distributed(args.device).device  # one line for a device that is not there
+    cli.exit_in_one_line(lambda: "nothing was written; run it again")  # Ctrl-C: one line
     precision = common.resolve_precision(args.mixed_precision, device)
     hp = ppo.Args()  # ppo.py's defaults: clip, AdamW settings, gradient-norm clip, advantage statistics
     num_train = max(1, int(args.num_steps * args.timestep_fraction))
@@ -305,7 +307,7 @@ if __name__ == "__main__":
     load_average = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
 
     prompts = common.load_prompts(hp.prompts)
-    reward_fn = common.CheckedReward(rewards.make(args.reward, device, prompts=prompts), args.reward)
+    reward_fn = runs.CheckedReward(rewards.make(args.reward, device, prompts=prompts), args.reward)
     pipe = load(args, precision, device)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D) or (1, L + 1, D)
     params = common.trainable_parameters(common.denoiser(pipe))
@@ -366,7 +368,7 @@ if __name__ == "__main__":
                     dev, steps = train_pass(args, pipe, traj, embeds.float(), neg_embeds.float(), zeros, "no", 0, device, hp)
                 deviation[other]["rounding"] = deviation_summary(dev, steps, args.num_steps)
         except Exception as e:  # noqa: BLE001 - e.g. an op without a kernel in this dtype on this device: say so
-            deviation[other] = dict(error=common.one_line(e, 120))
+            deviation[other] = dict(error=cli.one_line(e, 120))
         pipe = traj = dev = None
 
     # REPORT

@@ -84,7 +84,7 @@ def test_loading_a_folder_full_unet_float32_and_prediction_types(tmp_path):
     (not bf16-rounded) while the frozen VAE is bf16; a v-prediction model loads; an x0-prediction one is refused."""
     import json
 
-    base = common._offline_pipeline("tiny")
+    base = common.offline_pipeline("tiny")
     base.save_pretrained(tmp_path / "eps")
     pipe = common.load_pipeline(str(tmp_path / "eps"), mixed_precision="bf16", lora_rank=0)
     assert pipe.vae.dtype == torch.bfloat16 and pipe.unet.dtype == torch.float32
@@ -157,9 +157,9 @@ def test_sampling_is_reproducible_and_split_invariant(tiny, embeds):
 def test_tiny_model_is_deterministic_and_save_load_round_trips(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    a = common._offline_pipeline("tiny", seed=0)
-    b = common._offline_pipeline("tiny", seed=0)
-    c = common._offline_pipeline("tiny", seed=4)
+    a = common.offline_pipeline("tiny", seed=0)
+    b = common.offline_pipeline("tiny", seed=0)
+    c = common.offline_pipeline("tiny", seed=4)
     sa, sb = a.unet.state_dict(), b.unet.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], v) for k, v in c.unet.state_dict().items())
@@ -217,7 +217,7 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_outputs(tmp_path, embeds):
     ours = common.load_pipeline("tiny", lora_rank=4, lora_alpha=8, seed=0)
     perturb_lora(ours.unet, seed=1)
     runs.save_checkpoint(tmp_path / "ckpt", ours.unet, {"epoch": 3})
-    fresh = common._offline_pipeline("tiny", seed=0)
+    fresh = common.offline_pipeline("tiny", seed=0)
     fresh.load_lora_weights(str(tmp_path / "ckpt"))
     x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -302,7 +302,7 @@ def test_prompt_sets_and_files(tmp_path):
 
 def test_image_grid_layout():
     images = torch.rand((5, 3, 32, 32))
-    grid = common.image_grid(images, [f"r={i}" for i in range(5)], ncols=3, size=64)
+    grid = runs.image_grid(images, [f"r={i}" for i in range(5)], ncols=3, size=64)
     assert grid.size == (3 * 64, 2 * (64 + 14))
 
 

@@ -64,18 +64,17 @@ def test_every_script_has_the_shared_banners_in_order():
         assert len(re.findall(r"^import common$", text, flags=re.M)) == 1, s
 
 
-def shared_function(script: str, name: str) -> str:
-    """The text of a function defined inside the main block (`    def name(...)` up to the next blank line)."""
-    text = (ROOT / f"{script}.py").read_text()
-    start = text.index(f"    def {name}(")
-    return text[start : text.index("\n\n", start)]
-
-
-def test_evaluation_is_the_same_block_in_every_script():
-    """The evaluation (fixed prompts and noise, every --eval-num-steps, gains over the model before training) is one
-    block, to the letter, in all five scripts: eval/ rewards of two methods are paired and comparable."""
-    blocks = {s: shared_function(s, "log_images") for s in SCRIPTS if present(s)}
-    assert len(set(blocks.values())) == 1, [s for s in blocks if blocks[s] != blocks["ppo"]]
+def test_evaluation_is_the_same_call_in_every_script():
+    """The evaluation (fixed prompts and noise, every --eval-num-steps, gains over the model before training) is
+    runs.Evaluation, built from the same values and called at the same points in all five scripts: eval/ rewards of
+    two methods are paired and comparable."""
+    calls = {}
+    for s in (s for s in SCRIPTS if present(s)):
+        text = (ROOT / f"{s}.py").read_text()
+        start = text.index("    evaluate = runs.Evaluation(")
+        calls[s] = (text[start : text.index("\n\n", start)], re.findall(r"^ *evaluate\(.*$", text, flags=re.M))
+        assert len(calls[s][1]) == 2, s  # before training, then every --image-every epochs and at the end
+    assert len(set(map(str, calls.values()))) == 1, [s for s in calls if calls[s] != calls["ppo"]]
 
 
 def test_on_policy_warning_and_optimiser_lines_are_shared():
@@ -110,9 +109,13 @@ def project_imports() -> dict:
 
 def test_project_modules_import_in_one_direction():
     """No import cycle among the project's modules (once common imported rewards and world, which imported
-    common back). The direction: the scripts and the benchmarks on top, rewards and world on common."""
+    common back), and nothing imports upward. The layers, from the bottom: cli (flag rules, one-line errors) and
+    offline (the offline models); common (the sampler, loading, prompts); rewards, world and runs (the run's
+    machinery) on common; the scripts, evaluate.py and the benchmarks on top."""
     graph = project_imports()
-    assert {"common", "rewards", "world", "loop"} <= set(graph) and graph["common"] == set()
+    assert {"cli", "offline", "common", "rewards", "runs", "world", "loop"} <= set(graph)
+    assert graph["cli"] == set() and graph["offline"] == set() and graph["common"] == {"cli", "offline"}
+    assert graph["runs"] == {"cli", "common"} and graph["rewards"] <= {"cli", "common", "offline"}
     assert "common" in graph["rewards"] and "common" in graph["world"] and "rewards" in graph["loop"]
     state = {}
 

@@ -245,7 +245,7 @@ def test_end_to_end_outputs(runs):
     assert set(state["value_net"]) and state["value_optimizer"]["state"] and state["optimizer"]["state"]
     assert any(v.abs().max() > 0 for k, v in lora_weights(run_dir / "checkpoints" / "epoch_0002").items() if "lora_B" in k
                or "lora.up" in k)
-    common._offline_pipeline("tiny").load_lora_weights(str(run_dir / "checkpoints" / "epoch_0002"))
+    common.offline_pipeline("tiny").load_lora_weights(str(run_dir / "checkpoints" / "epoch_0002"))
 
 
 def _equal(a, b) -> bool:

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import common
+import offline
+import runs
 from helpers import TINY, assert_close_normwise, lora_weights, run, scalars
 
 
 @pytest.fixture(scope="module")
 def sd3():
-    pipe = common._offline_sd3()
+    pipe = common.offline_pipeline(common.TINY_SD3)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         module.requires_grad_(False)
@@ -99,7 +101,7 @@ def test_sd3_lora_checkpoints_load_in_diffusers_and_resume_exactly(tmp_path, alp
     import runs
 
     def fresh(lora: bool):
-        pipe = common._offline_sd3()
+        pipe = common.offline_pipeline(common.TINY_SD3)
         pipe.transformer.requires_grad_(False)
         if lora:
             common.add_lora(pipe.transformer, 4, alpha, common.FLOW_LORA_TARGETS, seed=0)  # alpha 8: scale 2
@@ -197,10 +199,10 @@ def test_unset_sampling_flags_take_the_model_familys_defaults_and_set_ones_are_k
                             ("tiny-sd3", dict(num_steps=10, guidance=4.5, eta=0.7)),
                             (str(common.SHAPES_FLOW_DIR), dict(num_steps=10, guidance=4.5, eta=0.7))]:
         args = tyro.cli(module.Args, args=["--model", model])
-        common.validate_args(args, module.SD_DEFAULTS)
+        runs.validate_args(args, module.SD_DEFAULTS)
         assert {k: getattr(args, k) for k in expected} == expected, model
         args = tyro.cli(module.Args, args=["--model", model, "--num-steps", "7", "--guidance", "1", "--eta", "0.5"])
-        common.validate_args(args, module.SD_DEFAULTS)
+        runs.validate_args(args, module.SD_DEFAULTS)
         assert (args.num_steps, args.guidance, args.eta) == (7, 1.0, 0.5)
     assert module.SD_DEFAULTS["num_steps"] == 50 and module.SD_DEFAULTS["eta"] == 1.0
     assert module.SD_DEFAULTS["guidance"] == {"ppo": 5.0, "dpok": 7.5, "score_as_action": 7.0}[script]
@@ -211,7 +213,7 @@ def test_sd35m_random_has_sd35_mediums_shapes():
     parameters (MMDiT-X: dual attention in the first 13 of 24 blocks, RMS q/k norm), 1024 px through a 16-channel
     latent 8x smaller, CLIP-L and bigG whose pooled outputs fill the 2048-wide pooled projection."""
     with torch.device("meta"):
-        pipe = common._offline_sd3(common.SD35M_RANDOM)
+        pipe = common.offline_pipeline(common.SD35M_RANDOM)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(pipe.transformer) == 2_243_171_520
     assert (pipe.vae_scale_factor, pipe.transformer.config.sample_size, pipe.vae.config.latent_channels) == (8, 128, 16)
@@ -312,7 +314,7 @@ def test_the_default_resolution_is_flow_grpos_512_on_sd35_medium_and_the_native_
     times the patch size, or beyond the position embeddings, stops in one line."""
     from types import SimpleNamespace
 
-    sd35m = SimpleNamespace(**common.SD35M_TRANSFORMER)
+    sd35m = SimpleNamespace(**offline.SD35M_TRANSFORMER)
     assert common.latent_size(sd35m, 8, True) == 64 and common.latent_size(sd35m, 8, True, 1024) == 128
     assert common.latent_size(SimpleNamespace(sample_size=64), 8, False) == 64  # SD 1.5: 512 px
     assert common.latent_size(SimpleNamespace(sample_size=96), 8, False) == 96  # SD 2.1-768: 768 px
@@ -324,7 +326,7 @@ def test_the_default_resolution_is_flow_grpos_512_on_sd35_medium_and_the_native_
             common.latent_size(sd35m, 8, True, bad)
         assert str(e.value).startswith(f"error: --resolution {bad}: ") and message in str(e.value), str(e.value)
     with torch.device("meta"):  # the model itself, built without memory: the sampler's latent side
-        pipe = common._offline_sd3(common.SD35M_RANDOM)
+        pipe = common.offline_pipeline(common.SD35M_RANDOM)
     assert common.latent_side(pipe) == 64
 
 
@@ -403,15 +405,15 @@ def test_flow_grpos_evaluation_and_trained_steps_are_the_flow_defaults_and_sd_ke
     for model, expected in [("tiny", dict(eval_eta=None, eval_num_steps=(25, 100))),
                             ("tiny-sd3", dict(eval_eta=0.0, eval_num_steps=(40,)))]:
         args = tyro.cli(module.Args, args=["--model", model])
-        common.validate_args(args, module.SD_DEFAULTS)
+        runs.validate_args(args, module.SD_DEFAULTS)
         assert {k: getattr(args, k) for k in expected} == expected, model
         if hasattr(args, "timestep_fraction"):
             assert args.timestep_fraction == (0.99 if model == "tiny-sd3" else 1.0)
         args = tyro.cli(module.Args, args=["--model", model, "--eta", "0.5", "--eval-num-steps", "--eval-eta", "0.3"])
-        common.validate_args(args, module.SD_DEFAULTS)
+        runs.validate_args(args, module.SD_DEFAULTS)
         assert (args.eval_eta, args.eval_num_steps) == (0.3, ())
         args = tyro.cli(module.Args, args=["--model", model, "--eta", "0.5"])
-        common.validate_args(args, module.SD_DEFAULTS)
+        runs.validate_args(args, module.SD_DEFAULTS)
         assert args.eval_eta == (0.0 if model == "tiny-sd3" else None)  # None: the scripts evaluate with --eta
 
 
@@ -421,7 +423,7 @@ def test_the_trained_steps_are_flow_grpos_first_ones_on_sd3_and_ddpos_random_sub
     before from the same generator."""
     g = torch.Generator().manual_seed(3)
     assert torch.equal(common.trained_steps(sd3, 5, 10, int(10 * 0.99), g, "cpu"), torch.arange(9).expand(5, -1))
-    sd = common._offline_pipeline(common.TINY)
+    sd = common.offline_pipeline(common.TINY)
     steps = common.trained_steps(sd, 5, 10, 6, torch.Generator().manual_seed(3), "cpu")
     expected = torch.argsort(torch.rand(5, 10, generator=torch.Generator().manual_seed(3)), dim=1)[:, :6]
     assert torch.equal(steps, expected) and len({tuple(r) for r in steps.tolist()}) > 1
@@ -445,10 +447,10 @@ def test_each_family_has_its_own_noise_level_rule_and_a_bad_resolution_stops_bef
 
     args = tyro.cli(loop.Args, args=["--model", model, *argv])
     with pytest.raises(SystemExit) as e:
-        common.validate_args(args, loop.SD_DEFAULTS)
+        runs.validate_args(args, loop.SD_DEFAULTS)
     assert str(e.value).startswith(f"error: {message}") and "\n" not in str(e.value), str(e.value)
     args = tyro.cli(loop.Args, args=["--model", "tiny-sd3", "--eta", "1.5"])  # above DDIM's 1: finite, allowed
-    common.validate_args(args, loop.SD_DEFAULTS)
+    runs.validate_args(args, loop.SD_DEFAULTS)
     assert args.eta == 1.5
 
 

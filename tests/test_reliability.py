@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, in_process, lora_weights, run, training_state
 
+import cli
 import common
 import rewards
 import runs
@@ -110,7 +111,7 @@ def test_bad_places_fail_in_one_line(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(common.tempfile, "TemporaryDirectory", read_only)
+    monkeypatch.setattr(runs.tempfile, "TemporaryDirectory", read_only)
     assert not check_cases("ppo", [([], "is not writable (OSError: [Errno 30] Read-only file system")], monkeypatch,
                            tmp_path / "runs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "model"]
@@ -161,7 +162,7 @@ def test_a_diverged_run_leaves_no_checkpoint_that_resume_picks(tmp_path, monkeyp
 
 def test_checked_reward_marks_non_finite_images_whatever_the_reward_says():
     """JPEG size scores a NaN image as if it were fine: the wrapper gives it NaN and `check` blames the model."""
-    reward = common.CheckedReward(rewards.jpeg_compressibility, "jpeg_compressibility")
+    reward = runs.CheckedReward(rewards.jpeg_compressibility, "jpeg_compressibility")
     images = torch.rand(3, 3, 16, 16)
     images[1, 0, 0, 0] = float("nan")
     assert math.isfinite(rewards.jpeg_compressibility(images)[1])
@@ -172,7 +173,7 @@ def test_checked_reward_marks_non_finite_images_whatever_the_reward_says():
         reward.check(scores, 3, runs.Run(None, {}, args))
     reward.check(reward(torch.rand(2, 3, 16, 16), ["x"] * 2), 4, None)  # finite again: the count was reset
     with pytest.raises(SystemExit, match=r"returned torch.Size\(\[2, 1\]\) for 2 images"):
-        common.CheckedReward(lambda images, prompts: torch.zeros(2, 1), "bad")(torch.rand(2, 3, 8, 8), ["x"] * 2)
+        runs.CheckedReward(lambda images, prompts: torch.zeros(2, 1), "bad")(torch.rand(2, 3, 8, 8), ["x"] * 2)
 
 
 def test_save_refuses_non_finite_weights_and_a_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
@@ -375,11 +376,11 @@ def test_class_the_one_line_handler_never_crashes_and_names_the_full_disk(tmp_pa
     run_dir.mkdir()
     with as_a_process():
         sys.excepthook = lambda kind, error, tb: pytest.fail(f"reached the previous hook: {kind}")
-        common.exit_in_one_line(lambda: "what to do", folder=run_dir)
+        cli.exit_in_one_line(lambda: "what to do", folder=run_dir)
         for error in (OSError(errno.ENOSPC, "No space left on device", os.fsencode(run_dir / "events")),
                       OSError(errno.ENOSPC, "No space left on device")):
             sys.excepthook(type(error), error, None)
-        common.exit_in_one_line(lambda: 1 / 0, folder=run_dir)
+        cli.exit_in_one_line(lambda: 1 / 0, folder=run_dir)
         sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
     lines = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(lines) == 3, lines
@@ -391,12 +392,12 @@ def test_class_the_one_line_handler_never_crashes_and_names_the_full_disk(tmp_pa
 
 STOPPED_PEER = """import sys, time
 sys.path.insert(0, sys.argv[1])
-import common
-d = common.setup_distributed("cpu")
-common.exit_in_one_line(lambda: "what to do")
+import cli, runs
+d = runs.setup_distributed("cpu")
+cli.exit_in_one_line(lambda: "what to do")
 if d.rank == 1:
     time.sleep(90)  # a process that stopped (SIGSTOP, a stuck reward server, a wedged GPU)
-common.broadcast_flag(True, d.device)
+runs.broadcast_flag(True, d.device)
 """
 
 
@@ -432,7 +433,7 @@ def test_class_every_wait_is_bounded_prompt_pipes(tmp_path, monkeypatch):
         os.close(read)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    monkeypatch.setattr(common, "PIPE_TIMEOUT", 0.5)
+    monkeypatch.setattr(cli, "PIPE_TIMEOUT", 0.5)
     with pytest.raises(SystemExit, match=r"^error: prompt file .*fifo' is a pipe that gave no end of file within 0.5"):
         common.load_prompts("colors", str(fifo))
 

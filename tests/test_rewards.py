@@ -9,6 +9,7 @@ import torch
 from helpers import NETWORK_RTOL
 
 import common
+import offline
 import rewards
 
 PROMPTS = ["a red cat and a blue dog", "a green bench", "a yellow image", "a cat", "a dog and a cat", "a red dog",
@@ -197,7 +198,7 @@ def test_pickscore_and_clipscore(clip_folder):
     assert not torch.allclose(r_pick, r_pick[:1].expand(8))
     # PickScore's own inference (yuvalkirstain/PickScore): logit_scale.exp() * cos of the model's embeddings;
     # CLIPScore (jmhessel/clipscore): 2.5 * max(cos, 0) with "A photo depicts " before the caption
-    model, tok = CLIPModel.from_pretrained(clip_folder).eval(), common.clip_tokenizer()
+    model, tok = CLIPModel.from_pretrained(clip_folder).eval(), offline.clip_tokenizer()
 
     def cos(pixels, prefix):
         ids = tok([prefix + p for p in PROMPTS], padding=True, return_tensors="pt")

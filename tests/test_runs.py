@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, in_process, lora_weights, training_state
 
+import cli
 import common
 import runs
 
@@ -264,7 +265,7 @@ def test_only_a_refused_write_or_an_interrupt_loses_its_traceback(capsys):
     seen = []
     with as_a_process():
         sys.excepthook = lambda kind, error, tb: seen.append(kind)
-        common.exit_in_one_line(lambda: "what to do")
+        cli.exit_in_one_line(lambda: "what to do")
         for error in (OSError(errno.ENOSPC, "No space left on device", "/x/y"), KeyboardInterrupt(),
                       OSError(errno.ENOENT, "No such file"), OSError(errno.EACCES, "Permission denied"), ValueError()):
             sys.excepthook(type(error), error, None)

@@ -44,7 +44,7 @@ def test_end_to_end_outputs_and_on_policy_check(two_epochs, script):
     # the LoRA weights moved, and diffusers loads them
     assert any(v.abs().max() > 0 for k, v in lora_weights(run_dir / "checkpoints" / "epoch_0002").items() if "lora_B" in k
                or "lora.up" in k)
-    pipe = common._offline_pipeline("tiny")
+    pipe = common.offline_pipeline("tiny")
     pipe.load_lora_weights(str(run_dir / "checkpoints" / "epoch_0002"))
 
 

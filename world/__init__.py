@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
 
 SIZE = 32  # image side in pixels
@@ -271,7 +272,7 @@ def parse_all(prompts: Sequence[str]) -> list:
     objs = [parse(p) for p in prompts]
     for p, o in zip(prompts, objs):
         if not o:
-            common.fail(f"the shapes reward needs prompts that name '<colour> <shape>' objects ({', '.join(COLORS)}; "
+            cli.fail(f"the shapes reward needs prompts that name '<colour> <shape>' objects ({', '.join(COLORS)}; "
                         f"{', '.join(SHAPES)}); {p!r} names none (use --prompts shapes)")
     return objs
 

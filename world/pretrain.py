@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+import cli
 import common
 import world
 
@@ -253,9 +254,9 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     out, tmp = Path(args.out), staging(Path(args.out))  # every stage writes into tmp; out changes only at the end
-    common.exit_in_one_line(lambda: f"--out {out} is as it was; run again to start over (the staging folder {tmp.name} "
+    cli.exit_in_one_line(lambda: f"--out {out} is as it was; run again to start over (the staging folder {tmp.name} "
                                     f"is cleared then)")  # Ctrl-C, SIGTERM or a full disk: one line
-    pipe = common._offline_pipeline(common.TINY, seed=0)  # its text encoder (frozen) and tokenizer are kept
+    pipe = common.offline_pipeline(common.TINY, seed=0)  # its text encoder (frozen) and tokenizer are kept
     pipe.text_encoder.to(args.device)
     t_start = time.time()
     history = {"args": vars(args)}
@@ -268,7 +269,7 @@ def main(args: Args):
             pipe.vae = AutoencoderKL.from_pretrained(args.resume_vae, subfolder="vae").to(args.device)
         except (OSError, ValueError, RuntimeError) as e:  # a damaged folder: one line, as for every flag
             raise SystemExit(f"world.pretrain: --resume-vae {args.resume_vae}: its vae/ does not load "
-                             f"({common.one_line(e, 100)}); give a folder this script wrote")
+                             f"({cli.one_line(e, 100)}); give a folder this script wrote")
         pipe.vae.requires_grad_(False).eval()
     else:
         with torch.random.fork_rng():

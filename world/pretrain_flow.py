@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+import cli
 import common
 import world
 from world.pretrain import check_out_and_device, log, publish, staging
@@ -122,7 +123,7 @@ def build(args: Args):
     """The untrained StableDiffusion3Pipeline: tiny-sd3's text encoders, the shapes VAE, a fresh transformer."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    text = common._offline_sd3(seed=0)
+    text = common.offline_pipeline(common.TINY_SD3, seed=0)
     tokenizer = copy.deepcopy(text.tokenizer)
     tokenizer.model_max_length = TOKENS
     vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae").requires_grad_(False).eval()
@@ -170,7 +171,7 @@ def main(args: Args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out, tmp = Path(args.out), staging(Path(args.out))
-    common.exit_in_one_line(lambda: f"--out {out} is as it was; run again to start over (the staging folder {tmp.name} "
+    cli.exit_in_one_line(lambda: f"--out {out} is as it was; run again to start over (the staging folder {tmp.name} "
                                     f"is cleared then)")
     t_start = time.time()
     pipe = build(args).to(args.device)
