@@ -222,6 +222,43 @@ class ValueNet(torch.nn.Module):  # SaA
 
 
 @torch.no_grad()
+def state_values(value_net, samples: dict, timesteps, horizon: int, flat):  # SaA
+    """The structured value V(t_k, x_{t_k}, c) of the epoch's states with flat indices n * T + k (`structured_value`
+    of V_phi's output): samples["latents"] (N, T+1, ...), samples["x0_rewards"] (N, T), timesteps (T,)."""
+    rows, steps = flat // len(timesteps), flat % len(timesteps)
+    v_phi = value_net(samples["latents"][rows, steps], timesteps[steps], samples["embeds"][rows], horizon)
+    return structured_value(timesteps[steps], samples["x0_rewards"][rows, steps], v_phi, horizon)
+
+
+# The SHUFFLE stream's key of V_phi's fit, beside the policy's inner epochs 0, 1, ...
+VALUE_FIT = -1
+# V_phi's gradient-norm clip, its own and not the policy's --max-grad-norm: the reference clips the value step at
+# config.pretrain_VN.max_grad_norm (hanyang1999/ContTimeRL4DM ddpo_continuous/scripts/train_with_valuefunc.py;
+# 1.0 in config/dgx_with_value_func.py). DPOK's reference does not clip its value step, nor does dpok.py.
+VALUE_MAX_GRAD_NORM = 1.0
+
+
+def fit_value(value_net, value_optimizer, samples, timesteps, targets, horizon: int, *, epochs: int, batch_size: int,
+              generator) -> list:  # SaA
+    """V_phi's fit on the epoch's own N T states, before their advantages (as the reference fits V_phi before the
+    policy in each epoch): `epochs` passes in minibatches of `batch_size` states, shuffled by `generator`; the MSE of
+    the structured value to the reward-to-go `targets` (N, T); gradients averaged across processes; one AdamW step
+    per minibatch, the gradient clipped to VALUE_MAX_GRAD_NORM (the reference's). Returns the losses, each before its
+    step."""
+    params, losses = list(value_net.parameters()), []
+    for _ in range(epochs):
+        order = torch.randperm(targets.numel(), generator=generator, device=targets.device)
+        for flat in order.split(batch_size):
+            loss = (state_values(value_net, samples, timesteps, horizon, flat) - targets.flatten()[flat]).pow(2).mean()
+            loss.backward()
+            runs.average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, VALUE_MAX_GRAD_NORM)
+            value_optimizer.step()
+            value_optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+    return losses
+
+
 def denoised_rewards(pipe, reward_fn, pred_x0, texts, per_call: int):  # SaA
     """r(decode(x0_hat), c) of every state of B trajectories, pred_x0 (B, T, C, h, w) -> (B, T), in calls of `per_call`."""
     b, num_steps = pred_x0.shape[:2]
@@ -311,8 +348,7 @@ if __name__ == "__main__":
     with torch.random.fork_rng(devices=[]):  # SaA: V_phi, the same initial weights on every process
         torch.manual_seed(args.seed)
         value_net = ValueNet(denoiser.config.in_channels, neg_embeds.shape[-1]).to(device)
-    value_params = list(value_net.parameters())
-    value_optimizer = torch.optim.AdamW(value_params, lr=args.value_learning_rate)
+    value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)
     horizon = pipe.scheduler.config.num_train_timesteps  # N of the structured value (1000)
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
     start_epoch, global_step, reward_curve = 0, 0, []  # SaA
@@ -372,28 +408,13 @@ if __name__ == "__main__":
         running_rewards = -args.beta * samples["kl"]  # (N, T); zeros when beta = 0
         targets = returns_to_go(samples["rewards"], running_rewards)  # (N, T)
 
-        def state_values(flat):  # the structured value V(t_k, x_{t_k}, c) of flat state indices n * T + k
-            rows, steps = flat // args.num_steps, flat % args.num_steps
-            v_phi = value_net(samples["latents"][rows, steps], timesteps[steps], samples["embeds"][rows], horizon)
-            return structured_value(timesteps[steps], samples["x0_rewards"][rows, steps], v_phi, horizon)
-
-        num_states = samples_per_process * args.num_steps
-        rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, -1, dist.rank)  # inner epoch -1: V_phi's own
-        value_losses = []
-        for _ in range(args.value_epochs):
-            order = torch.randperm(num_states, generator=rng, device=device)
-            for lo in range(0, num_states, args.value_batch_size):
-                flat = order[lo : lo + args.value_batch_size]
-                value_loss = (state_values(flat) - targets.flatten()[flat]).pow(2).mean()
-                value_loss.backward()
-                runs.average_gradients(value_params)
-                torch.nn.utils.clip_grad_norm_(value_params, args.max_grad_norm)
-                value_optimizer.step()
-                value_optimizer.zero_grad(set_to_none=True)
-                value_losses.append(value_loss.detach())
+        rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, VALUE_FIT, dist.rank)
+        value_losses = fit_value(value_net, value_optimizer, samples, timesteps, targets, horizon,
+                                 epochs=args.value_epochs, batch_size=args.value_batch_size, generator=rng)
         with torch.no_grad():
-            all_states = torch.arange(num_states, device=device).split(args.value_batch_size)
-            values = torch.cat([state_values(flat) for flat in all_states]).view(-1, args.num_steps)  # (N, T)
+            all_states = torch.arange(targets.numel(), device=device).split(args.value_batch_size)
+            values = torch.cat([state_values(value_net, samples, timesteps, horizon, flat)
+                                for flat in all_states]).view(-1, args.num_steps)  # (N, T)
         advantages = runs.gather(step_advantages(values, samples["rewards"], running_rewards))
         advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
         samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
