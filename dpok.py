@@ -5,9 +5,10 @@ Sampling is ppo.py's; what changes is what happens to the samples. Every transit
 log-prob, final reward) goes into a replay buffer of the most recent transitions. The policy is trained on
 transitions drawn uniformly from the buffer with the loss -alpha * (r - V) * clamp(rho, 1 - eps, 1 + eps)
 + beta * mean((eps_theta - eps_pre)^2), eps_pre being the same UNet with its LoRA adapters disabled; the value
-network V_phi(x_t, c, t) is fitted to the final rewards before that (`--value-fit last`: after). Defaults follow the reference code,
-google-research/google-research `dpok/train_online_pg.py`, with its README's single-prompt settings. Changed
-lines of ppo.py's Args and main loop are marked `# DPOK`; docs/dpok.md has the details and the deviations.
+network V_phi(x_t, c, t) is fitted to the final rewards before that (`--value-fit last`: after). Defaults follow
+the reference code, google-research/google-research `dpok/train_online_pg.py`, with its README's single-prompt
+settings. Changed lines of ppo.py's Args and main loop are marked `# DPOK`; docs/dpok.md has the details and the
+deviations.
 
     python dpok.py --prompt-file prompts.txt --reward aesthetic     # SD 1.5, GPU; multi-prompt: --alpha 1000 --beta 0.1
     python dpok.py --model tiny --reward color --prompts colors --num-steps 10 --learning-rate 3e-2 \
@@ -69,7 +70,8 @@ class Args:
     device: Optional[str] = None
     """cuda or cpu (default: cuda if available; under torchrun one GPU per process)"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: fp16 on GPU, as the reference; docs/performance.md)"""
+    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: fp16 on GPU, as
+    the reference; docs/performance.md)"""
     gradient_checkpointing: bool = False
     """recompute UNet activations in the backward pass: less memory, ~30% slower"""
     compile: bool = False
@@ -88,7 +90,8 @@ class Args:
     """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities. On an SD 3.x model, the
     noise level a of Flow-GRPO's SDE (docs/flow.md). Unset: SD_DEFAULTS above on SD 1.x/2.x, 0.7 on SD 3.x"""
     guidance: Optional[float] = None
-    """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on SD 3.x)"""
+    """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on
+    SD 3.x)"""
     resolution: Optional[int] = None
     """image side in pixels for sampling and evaluation, a multiple of the VAE's 8 (times the patch size, 2, on SD 3.x)
     (unset: the model's native size on SD 1.x/2.x, e.g. 512 for SD 1.5; on SD 3.x Flow-GRPO's 512, or the native size
@@ -188,9 +191,10 @@ def to_transitions(latents, log_probs, rewards, text, prompt_ids) -> dict:
     are re-encoded when a transition is trained on; `text` (N, D) is V_phi's pooled prompt embedding."""
     n, num_steps = log_probs.shape
     step_major = latents.transpose(0, 1)  # (T+1, N, C, h, w)
-    return dict(latents=step_major[:-1].flatten(0, 1), next_latents=step_major[1:].flatten(0, 1),
-                steps=torch.arange(num_steps, device=latents.device).repeat_interleave(n), log_probs=log_probs.T.flatten(),
-                rewards=rewards.repeat(num_steps), text=text.repeat(num_steps, 1), prompt_ids=prompt_ids.repeat(num_steps))
+    steps = torch.arange(num_steps, device=latents.device).repeat_interleave(n)
+    return dict(latents=step_major[:-1].flatten(0, 1), next_latents=step_major[1:].flatten(0, 1), steps=steps,
+                log_probs=log_probs.T.flatten(), rewards=rewards.repeat(num_steps), text=text.repeat(num_steps, 1),
+                prompt_ids=prompt_ids.repeat(num_steps))
 
 
 def buffer_add(buffer: dict, transitions: dict, size: int) -> dict:
@@ -257,7 +261,8 @@ def dpok_loss(log_prob, old_log_prob, advantages, eps, eps_pre, *, alpha: float,
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    runs.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
+    # the family's defaults for the unset flags, every shared flag's range: before anything loads
+    runs.validate_args(args, SD_DEFAULTS)
     dist = runs.setup_distributed(args.device)
     device, is_main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
@@ -265,21 +270,26 @@ if __name__ == "__main__":
     images_per_epoch = samples_per_process * dist.world_size
     minibatches = args.num_policy_steps * args.gradient_accumulation_steps  # DPOK
     steps_per_epoch = args.num_policy_steps  # DPOK
-    if min(args.num_policy_steps, args.gradient_accumulation_steps, args.num_value_steps, args.num_value_batches) < 1:
-        cli.fail("--num-policy-steps, --gradient-accumulation-steps, --num-value-steps, --num-value-batches: "
-                    "each must be at least 1")  # DPOK
+    sizes = (args.num_policy_steps, args.gradient_accumulation_steps, args.num_value_steps,
+             args.num_value_batches)  # DPOK
+    if min(sizes) < 1:  # DPOK
+        cli.fail("--num-policy-steps, --gradient-accumulation-steps, --num-value-steps, "
+                 "--num-value-batches: each must be at least 1")
     if args.lora_rank < 1 and args.beta != 0:  # DPOK
-        cli.fail("--lora-rank 0: the KL term's pretrained model is the UNet with its LoRA adapters disabled; "
-                    "use --lora-rank 1 or more (or --beta 0)")
+        cli.fail("--lora-rank 0: the KL term's pretrained model is the UNet with its LoRA adapters "
+                 "disabled; use --lora-rank 1 or more (or --beta 0)")
     if not 0 < args.alpha < float("inf"):  # DPOK
-        cli.fail(f"--alpha {args.alpha}: must be a finite number > 0 (the reward's weight: 0 ignores it, < 0 inverts it)")
+        cli.fail(f"--alpha {args.alpha}: must be a finite number > 0 (the reward's weight: 0 "
+                 f"ignores it, < 0 inverts it)")
     if args.buffer_size < args.train_batch_size:  # DPOK
-        cli.fail(f"--buffer-size {args.buffer_size} must hold at least one micro-batch of --train-batch-size "
-                    f"{args.train_batch_size} transitions")
-    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
-                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch of {args.gradient_accumulation_steps}"
-                  f" x {args.train_batch_size} transitions from a buffer of {args.buffer_size}, {args.num_value_steps} value "
-                  f"steps of {args.num_value_batches} x {args.value_batch_size}", enabled=is_main)  # DPOK
+        cli.fail(f"--buffer-size {args.buffer_size} must hold at least one micro-batch of "
+                 f"--train-batch-size {args.train_batch_size} transitions")
+    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x "
+                f"{args.num_batches_per_epoch} batches x {args.sample_batch_size}), "
+                f"{steps_per_epoch} optimiser steps per epoch of "
+                f"{args.gradient_accumulation_steps} x {args.train_batch_size} transitions from a "
+                f"buffer of {args.buffer_size}, {args.num_value_steps} value steps of "
+                f"{args.num_value_batches} x {args.value_batch_size}", enabled=is_main)  # DPOK
 
     run = runs.start(args, Path(__file__).stem, dist)  # what to resume and where to write, checked
     checkpoint, run_dir = run.checkpoint, run.dir
@@ -287,156 +297,197 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     prompts = common.load_prompts(args.prompts, args.prompt_file)
-    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
-    reward_fn = runs.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
-                                     args.reward)  # the prompts are checked against the reward before it loads
-    pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
-                                lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
-                                compile=args.compile, seed=args.seed, resolution=args.resolution)
+    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed, as its noise
+    # the prompts are checked against the reward before it loads
+    reward_fn = rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts)
+    reward_fn = runs.CheckedReward(reward_fn, args.reward)
+    pipe = common.load_pipeline(
+        args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile, seed=args.seed, resolution=args.resolution)
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
-    latent_dim = denoiser.config.in_channels * common.latent_side(pipe) ** 2  # DPOK: at --resolution
-    torch.manual_seed(args.seed)  # DPOK: V_phi starts the same on every process
-    value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)  # DPOK: float32
+    # DPOK: V_phi (float32) on latents at --resolution, the same at start on every process
+    latent_dim = denoiser.config.in_channels * common.latent_side(pipe) ** 2
+    torch.manual_seed(args.seed)
+    value_net = ValueNet(latent_dim, neg_embeds.shape[-1], args.num_steps).to(device)
     value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)  # DPOK
     start_epoch, global_step, buffer, reward_curve = 0, 0, {}, []  # DPOK
-    eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
+    eval_before = {}  # mean eval reward per step count before training: the gains' reference
     if checkpoint:
         state = runs.load_checkpoint(checkpoint, denoiser)
         runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
-        start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # DPOK
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        reward_curve = state["reward_curve"]  # DPOK
         eval_before = state["eval_before"]
         value_net.load_state_dict(state["value_net"])  # DPOK
         runs.load_optimizer(value_optimizer, state["value_optimizer"])  # DPOK
         if state["world_size"] != dist.world_size:  # DPOK: the buffers are per process
-            cli.fail(f"{checkpoint} holds the replay buffers of {state['world_size']} processes; resume with as many")
-        buffer = {key: value.chunk(dist.world_size)[dist.rank].to(device) for key, value in state["buffer"].items()}
+            cli.fail(f"{checkpoint} holds the replay buffers of {state['world_size']} processes; "
+                     f"resume with as many")
+        buffer = {key: value.chunk(dist.world_size)[dist.rank].to(device)
+                  for key, value in state["buffer"].items()}
         runs.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=is_main)
-    # the run folder is created only now that the model and any checkpoint have loaded: the run can start
-    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track, project=args.wandb_project)
-
-    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision, logger, run_dir,
-                               eval_before, enabled=is_main)  # fixed prompts and noise: comparable across epochs
+    # the run folder is created only now that the model and any checkpoint have loaded
+    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track,
+                         project=args.wandb_project)
+    # the same prompts and noise at every evaluation, so that its images and rewards compare
+    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision,
+                               logger, run_dir, eval_before, enabled=is_main)
 
     if start_epoch == 0 and args.image_every > 0:
         evaluate(0, "before")
-    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs", initial=start_epoch,
-                          total=args.num_epochs)
+    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs",
+                        initial=start_epoch, total=args.num_epochs)
     for epoch in bar:
         t0 = time.time()
         # SAMPLING
-        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
-        # this process takes its slice, so the samples do not depend on how many processes share them.
+        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per
+        # prompt; this process takes its slice, so the samples do not depend on how many
+        # processes share them.
         rng = common.generator("cpu", args.seed, epoch, common.Stream.PROMPTS)
-        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng).repeat_interleave(args.k)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng)
+        all_prompt_ids = all_prompt_ids.repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         denoiser.eval()
         batches = []
-        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main, desc="sampling", leave=False):
+        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main,
+                               desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
-            embeds, pooled = common.encode_prompts(pipe, texts, pooled=True)  # DPOK: (B, 77, D), and (B, D) for V_phi
+            # DPOK: (B, 77, D), and the pooled (B, D) for V_phi
+            embeds, pooled = common.encode_prompts(pipe, texts, pooled=True)
+            noise = common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device)
             with common.autocast(device, precision):
-                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw,
-                                     generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
-            rewards, reward_terms = reward_fn(traj.images, texts, components=True)  # (B,) weighted sum, (B, C) terms
-            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, text=pooled.float(),  # DPOK
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, generator=noise)
+            # (B,) the weighted sum, (B, C) its terms
+            rewards, reward_terms = reward_fn(traj.images, texts, components=True)
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs,
+                                text=pooled.float(),  # DPOK
                                 rewards=rewards, reward_terms=reward_terms))
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
 
         # REWARDS AND ADVANTAGES
         rewards = runs.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
-        reward_fn.check(rewards, epoch, run)  # one line if an image (a diverged model) or a reward is not finite
+        reward_fn.check(rewards, epoch, run)  # one line if an image or a reward is not finite
         reward_curve.append(rewards.mean().item())
-        # DPOK: this epoch's transitions join the replay buffer (one per process, the most recent buffer_size kept);
-        # V_phi is fitted on it (--value-fit first, the reference's order; last: after the policy steps, docs/dpok.md,
-        # detail 4), then every buffered transition gets A = r - V_phi(x_t, c, t).
-        transitions = to_transitions(samples["latents"], samples["log_probs"], samples["rewards"], samples["text"],
-                                     all_prompt_ids[first : first + samples_per_process].to(device))
+        # DPOK: this epoch's transitions join the replay buffer (one per process, the most recent
+        # buffer_size kept); V_phi is fitted on it (--value-fit first, the reference's order; last:
+        # after the policy steps, docs/dpok.md, detail 4), then every buffered transition gets
+        # A = r - V_phi(x_t, c, t).
+        own_prompt_ids = all_prompt_ids[first : first + samples_per_process].to(device)
+        transitions = to_transitions(samples["latents"], samples["log_probs"], samples["rewards"],
+                                     samples["text"], own_prompt_ids)
         buffer = buffer_add(buffer, transitions, args.buffer_size)
         rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, dist.rank)
-        draws = draw_indices(minibatches + args.num_value_steps * args.num_value_batches, len(buffer["rewards"]), rng)
-        micro_batches, value_batches = draws[:minibatches, : args.train_batch_size], draws[minibatches:, : args.value_batch_size]
+        num_draws = minibatches + args.num_value_steps * args.num_value_batches
+        draws = draw_indices(num_draws, len(buffer["rewards"]), rng)
+        micro_batches = draws[:minibatches, : args.train_batch_size]
+        value_batches = draws[minibatches:, : args.value_batch_size]
         if args.value_fit == "first":  # the reference's order
-            value_losses = fit_value(value_net, value_optimizer, buffer, value_batches, args.num_value_batches)
+            value_losses = fit_value(value_net, value_optimizer, buffer, value_batches,
+                                     args.num_value_batches)
         with torch.no_grad():
-            advantages = buffer["rewards"] - value_net(buffer["latents"], buffer["text"], buffer["steps"])
-        explained_variance = 1 - advantages.var() / buffer["rewards"].var()  # of the rewards by V_phi, as CleanRL logs it
-        fresh_fraction = (micro_batches >= len(buffer["rewards"]) - len(transitions["rewards"])).float().mean()
+            values = value_net(buffer["latents"], buffer["text"], buffer["steps"])
+            advantages = buffer["rewards"] - values
+        # of the rewards by V_phi, as CleanRL logs it
+        explained_variance = 1 - advantages.var() / buffer["rewards"].var()
+        fresh = len(buffer["rewards"]) - len(transitions["rewards"])  # the first fresh row
+        fresh_fraction = (micro_batches >= fresh).float().mean()
 
         # TRAINING
-        # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches drawn uniformly from
-        # the buffer (without replacement within a draw), then V_phi's step(s) with --value-fit last
+        # DPOK: num_policy_steps optimiser steps, each on gradient_accumulation_steps micro-batches
+        # drawn uniformly from the buffer (without replacement within a draw), then V_phi's step(s)
+        # with --value-fit last
         denoiser.train()
         info = {"policy_loss": [], "kl_to_ref": [], "approx_kl": [], "clipfrac": []}
-        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: ~0 at epoch 0, later the buffer's staleness
-        for m, idx in enumerate(runs.progress(micro_batches, enabled=is_main, desc="training", leave=False)):
+        # |rho - 1| before the epoch's first step: ~0 at epoch 0, then the buffer's staleness
+        ratio_dev = []
+        for m, idx in enumerate(runs.progress(micro_batches, enabled=is_main, desc="training",
+                                              leave=False)):
             batch = {key: value[idx] for key, value in buffer.items()}  # b transitions
             latents, t, adv = batch["latents"], timesteps[batch["steps"]], advantages[idx]
-            embeds = common.encode_prompts(pipe, [prompts[i] for i in batch["prompt_ids"].tolist()])  # (b, 77, D)
+            texts = [prompts[i] for i in batch["prompt_ids"].tolist()]
+            embeds = common.encode_prompts(pipe, texts)  # (b, 77, D)
             with common.autocast(device, precision):
-                log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t, embeds, neg_embeds,
-                                                     **sample_kw)
-                with torch.no_grad(), common.adapters_disabled(denoiser):
-                    eps_pre = common.guided_output(pipe, latents, t, embeds, neg_embeds, args.guidance)  # v on SD 3.x
-            weight = common.flow_kl_weight(pipe, t, num_steps=args.num_steps, eta=args.eta) if common.is_flow(pipe) else 1.0
-            loss, policy, kl, approx_kl, clipfrac = dpok_loss(log_prob, batch["log_probs"], adv, eps, eps_pre, weight=weight,
-                                                              alpha=args.alpha, beta=args.beta, clip=args.clip)
+                log_prob, eps = common.step_log_prob(pipe, latents, batch["next_latents"], t,
+                                                     embeds, neg_embeds, **sample_kw)
+                with torch.no_grad(), common.adapters_disabled(denoiser):  # v, not eps, on SD 3.x
+                    eps_pre = common.guided_output(pipe, latents, t, embeds, neg_embeds,
+                                                   args.guidance)
+            weight = 1.0
+            if common.is_flow(pipe):
+                weight = common.flow_kl_weight(pipe, t, num_steps=args.num_steps, eta=args.eta)
+            loss, policy, kl, approx_kl, clipfrac = dpok_loss(
+                log_prob, batch["log_probs"], adv, eps, eps_pre, weight=weight, alpha=args.alpha,
+                beta=args.beta, clip=args.clip)
             scaler.scale(loss / args.gradient_accumulation_steps).backward()
             info["policy_loss"].append(policy)
             info["kl_to_ref"].append(kl)
             info["approx_kl"].append(approx_kl)
             info["clipfrac"].append(clipfrac)
             if m < args.gradient_accumulation_steps:
-                ratio_dev.append((torch.exp(log_prob.detach() - batch["log_probs"]) - 1).abs().mean())
+                ratio = torch.exp(log_prob.detach() - batch["log_probs"])
+                ratio_dev.append((ratio - 1).abs().mean())
             if (m + 1) % args.gradient_accumulation_steps == 0:
                 runs.average_gradients(params)
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
+                if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient: skipped
                     scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
-        if args.value_fit == "last":  # DPOK: V_phi fitted to the final rewards after the policy steps
-            value_losses = fit_value(value_net, value_optimizer, buffer, value_batches, args.num_value_batches)
+        if args.value_fit == "last":  # DPOK: V_phi fitted after the policy steps
+            value_losses = fit_value(value_net, value_optimizer, buffer, value_batches,
+                                     args.num_value_batches)
         info["value_loss"] = value_losses  # DPOK
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.stack(v).mean() for k, v in info.items()}
-        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
-                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
-                        "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
-                        "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
-                        "debug/skipped_steps": run.skipped_steps,
-                        "losses/explained_variance": explained_variance, "debug/fresh_fraction": fresh_fraction})  # DPOK
-        reward_terms = runs.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
-        metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
+        metrics.update({
+            "charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
+            "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
+            "debug/ratio_dev_at_start": torch.stack(ratio_dev).mean(),
+            "debug/skipped_steps": run.skipped_steps,
+            "losses/explained_variance": explained_variance,  # DPOK
+            "debug/fresh_fraction": fresh_fraction})  # DPOK
+        # (C,): each reward term's mean, unweighted
+        reward_terms = runs.gather(samples["reward_terms"]).mean(0)
+        metrics.update({f"rewards/{name}": t for name, t in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
-        if epoch == 0:  # DPOK: later, the buffer's staleness adds to it: the on-policy check is epoch 0's
-            run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)  # once per run, above clip/10
-        bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/kl_to_ref']:.2e}")  # DPOK
+        if epoch == 0:  # DPOK: later the buffer's staleness adds to it: the check is epoch 0's
+            # warns once per run if above clip/10
+            run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)
+        bar.set_postfix(reward=f"{reward_curve[-1]:.4f}",
+                        kl=f"{metrics['losses/kl_to_ref']:.2e}")  # DPOK
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
             evaluate(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
-            all_buffers = {key: runs.gather(value) for key, value in buffer.items()}  # DPOK: all processes', by rank
+            # DPOK: every process's buffer, by rank
+            all_buffers = {key: runs.gather(value) for key, value in buffer.items()}
             if is_main:
-                run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
-                    "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                    "eval_before": eval_before,
-                    "scaler": scaler.state_dict(), "reward_curve": reward_curve, "value_net": value_net.state_dict(),
-                    "value_optimizer": value_optimizer.state_dict(), "buffer": all_buffers, "world_size": dist.world_size})
-                runs.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+                run.save(epoch + 1, denoiser, {  # only finite weights; the state records the run
+                    "epoch": epoch + 1, "global_step": global_step,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "reward_curve": reward_curve, "eval_before": eval_before,
+                    "value_net": value_net.state_dict(),  # DPOK
+                    "value_optimizer": value_optimizer.state_dict(),  # DPOK
+                    "buffer": all_buffers, "world_size": dist.world_size})  # DPOK
+                runs.plot_curve(reward_curve, run_dir / "reward_curve.png",
+                                title="mean reward per epoch")
     if is_main and reward_curve:
-        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
-                      f"outputs in {run_dir}")
+        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, "
+                    f"last epoch {reward_curve[-1]:.4f}; outputs in {run_dir}")
     logger.close()

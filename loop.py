@@ -63,7 +63,8 @@ class Args:
     device: Optional[str] = None
     """cuda or cpu (default: cuda if available; under torchrun one GPU per process)"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: fp16 on GPU, as the reference; docs/performance.md)"""
+    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: fp16 on GPU, as
+    the reference; docs/performance.md)"""
     gradient_checkpointing: bool = False
     """recompute UNet activations in the backward pass: less memory, ~30% slower"""
     compile: bool = False
@@ -82,7 +83,8 @@ class Args:
     """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities. On an SD 3.x model, the
     noise level a of Flow-GRPO's SDE (docs/flow.md). Unset: SD_DEFAULTS above on SD 1.x/2.x, 0.7 on SD 3.x"""
     guidance: Optional[float] = None
-    """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on SD 3.x)"""
+    """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on
+    SD 3.x)"""
     resolution: Optional[int] = None
     """image side in pixels for sampling and evaluation, a multiple of the VAE's 8 (times the patch size, 2, on SD 3.x)
     (unset: the model's native size on SD 1.x/2.x, e.g. 512 for SD 1.5; on SD 3.x Flow-GRPO's 512, or the native size
@@ -159,7 +161,8 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    runs.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
+    # the family's defaults for the unset flags, every shared flag's range: before anything loads
+    runs.validate_args(args, SD_DEFAULTS)
     dist = runs.setup_distributed(args.device)
     device, is_main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
@@ -168,15 +171,21 @@ if __name__ == "__main__":
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
-    steps_per_call = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
+    timesteps_per_update = args.gradient_accumulation_steps * num_train_timesteps
+    # trained timesteps of a trajectory in one UNet call
+    steps_per_call = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)
     if args.k < 2:  # LOOP
-        cli.fail(f"--k {args.k}: LOOP needs at least two images per prompt for a leave-one-out baseline; use --k 2 or more")
+        cli.fail(f"--k {args.k}: LOOP needs at least two images per prompt for a leave-one-out "
+                 f"baseline; use --k 2 or more")
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
-        cli.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
-                    f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
-    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
-                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
-                  f"trained timesteps per trajectory", enabled=is_main)
+        cli.fail(f"{samples_per_process} samples per process (--sample-batch-size x "
+                 f"--num-batches-per-epoch) must divide into --train-batch-size "
+                 f"{args.train_batch_size} x --gradient-accumulation-steps "
+                 f"{args.gradient_accumulation_steps}")
+    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x "
+                f"{args.num_batches_per_epoch} batches x {args.sample_batch_size}), "
+                f"{steps_per_epoch} optimiser steps per epoch, "
+                f"{num_train_timesteps} trained timesteps per trajectory", enabled=is_main)
 
     run = runs.start(args, Path(__file__).stem, dist)  # what to resume and where to write, checked
     checkpoint, run_dir = run.checkpoint, run.dir
@@ -184,57 +193,66 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     prompts = common.load_prompts(args.prompts, args.prompt_file)
-    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
-    reward_fn = runs.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
-                                     args.reward)  # the prompts are checked against the reward before it loads
-    pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
-                                lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
-                                compile=args.compile, seed=args.seed, resolution=args.resolution)
+    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed, as its noise
+    # the prompts are checked against the reward before it loads
+    reward_fn = rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts)
+    reward_fn = runs.CheckedReward(reward_fn, args.reward)
+    pipe = common.load_pipeline(
+        args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile, seed=args.seed, resolution=args.resolution)
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
     start_epoch, global_step, reward_curve = 0, 0, []  # LOOP
-    eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
+    eval_before = {}  # mean eval reward per step count before training: the gains' reference
     if checkpoint:
         state = runs.load_checkpoint(checkpoint, denoiser)
         runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
-        start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # LOOP
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        reward_curve = state["reward_curve"]  # LOOP
         eval_before = state["eval_before"]
         runs.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=is_main)
-    # the run folder is created only now that the model and any checkpoint have loaded: the run can start
-    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track, project=args.wandb_project)
-
-    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision, logger, run_dir,
-                               eval_before, enabled=is_main)  # fixed prompts and noise: comparable across epochs
+    # the run folder is created only now that the model and any checkpoint have loaded
+    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track,
+                         project=args.wandb_project)
+    # the same prompts and noise at every evaluation, so that its images and rewards compare
+    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision,
+                               logger, run_dir, eval_before, enabled=is_main)
 
     if start_epoch == 0 and args.image_every > 0:
         evaluate(0, "before")
-    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs", initial=start_epoch,
-                          total=args.num_epochs)
+    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs",
+                        initial=start_epoch, total=args.num_epochs)
     for epoch in bar:
         t0 = time.time()
         # SAMPLING
-        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
-        # this process takes its slice, so the samples do not depend on how many processes share them.
+        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per
+        # prompt; this process takes its slice, so the samples do not depend on how many
+        # processes share them.
         rng = common.generator("cpu", args.seed, epoch, common.Stream.PROMPTS)
-        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng).repeat_interleave(args.k)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng)
+        all_prompt_ids = all_prompt_ids.repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         denoiser.eval()
         batches = []
-        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main, desc="sampling", leave=False):
+        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main,
+                               desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
             embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
+            noise = common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device)
             with common.autocast(device, precision):
-                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw,
-                                     generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
-            rewards, reward_terms = reward_fn(traj.images, texts, components=True)  # (B,) weighted sum, (B, C) terms
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, generator=noise)
+            # (B,) the weighted sum, (B, C) its terms
+            rewards, reward_terms = reward_fn(traj.images, texts, components=True)
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, embeds=embeds,
                                 rewards=rewards, reward_terms=reward_terms))
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
@@ -242,44 +260,52 @@ if __name__ == "__main__":
 
         # REWARDS AND ADVANTAGES
         rewards = runs.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
-        reward_fn.check(rewards, epoch, run)  # one line if an image (a diverged model) or a reward is not finite
-        advantages = leave_one_out_advantages(rewards, args.k, args.normalize_advantages)  # LOOP: groups are whole here
+        reward_fn.check(rewards, epoch, run)  # one line if an image or a reward is not finite
+        # LOOP: the groups are whole: the rewards are gathered first
+        advantages = leave_one_out_advantages(rewards, args.k, args.normalize_advantages)
         samples["advantages"] = advantages[first : first + samples_per_process]  # LOOP
         reward_curve.append(rewards.mean().item())
 
         # TRAINING
         denoiser.train()
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
-        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
+        ratio_dev = []  # |rho - 1| before the epoch's first optimiser step: ~0 (on-policy check)
         for inner in range(args.num_inner_epochs):
-            rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, inner, dist.rank)
+            rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, inner,
+                                   dist.rank)
             perm = torch.randperm(samples_per_process, generator=rng, device=device)
-            # (N, T_train) step indices: each trajectory's own random subset (SD 1.x/2.x), or the first ones (SD 3.x)
-            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps, num_train_timesteps, rng, device)
-            for m in runs.progress(range(minibatches), enabled=is_main, desc="training", leave=False):
+            # (N, T_train) step indices: each trajectory's own random subset (SD 1.x/2.x), or the
+            # first ones (SD 3.x)
+            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps,
+                                             num_train_timesteps, rng, device)
+            for m in runs.progress(range(minibatches), enabled=is_main, desc="training",
+                                   leave=False):
                 idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
                 steps = step_perm[idx]  # (b, T_train)
                 rows = idx[:, None]
-                latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
-                old_log_probs, adv, embeds = samples["log_probs"][rows, steps], samples["advantages"][idx], samples["embeds"][idx]
+                latents = samples["latents"][rows, steps]
+                next_latents = samples["latents"][rows, steps + 1]
+                old_log_probs = samples["log_probs"][rows, steps]
+                adv, embeds = samples["advantages"][idx], samples["embeds"][idx]
                 for j in range(0, num_train_timesteps, steps_per_call):
                     window = slice(j, j + steps_per_call)  # trained steps in one UNet call
-                    with common.autocast(device, precision):  # (b, n): n timesteps of each trajectory
-                        log_prob, _ = common.step_log_prob(pipe, latents[:, window], next_latents[:, window], timesteps[steps[:, window]],
-                                                           embeds, neg_embeds, **sample_kw)
-                    n = log_prob.shape[1]
-                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, window], adv[:, None], args.clip)
-                    scaler.scale(loss * n / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
-                    info["policy_loss"].append(loss.detach().expand(n))  # each window weighted by its timesteps
+                    with common.autocast(device, precision):  # (b, n): n steps per trajectory
+                        log_prob, _ = common.step_log_prob(
+                            pipe, latents[:, window], next_latents[:, window],
+                            timesteps[steps[:, window]], embeds, neg_embeds, **sample_kw)
+                    n, old = log_prob.shape[1], old_log_probs[:, window]
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old, adv[:, None], args.clip)
+                    scaler.scale(loss * n / timesteps_per_update).backward()
+                    info["policy_loss"].append(loss.detach().expand(n))  # weighted by its steps
                     info["approx_kl"].append(approx_kl.expand(n))
                     info["clipfrac"].append(clipfrac.expand(n))
                     if inner == 0 and m < args.gradient_accumulation_steps:
-                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, window]) - 1).abs().flatten())
+                        ratio_dev.append((torch.exp(log_prob.detach() - old) - 1).abs().flatten())
                 if (m + 1) % args.gradient_accumulation_steps == 0:
                     runs.average_gradients(params)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
+                    if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient: skipped
                         scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
@@ -287,27 +313,31 @@ if __name__ == "__main__":
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.cat(v).mean() for k, v in info.items()}
-        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
-                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
-                        "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
-                        "debug/ratio_dev_at_start": torch.cat(ratio_dev).mean(),
-                        "debug/skipped_steps": run.skipped_steps})
-        reward_terms = runs.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
-        metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
+        metrics.update({
+            "charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
+            "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
+            "debug/ratio_dev_at_start": torch.cat(ratio_dev).mean(),
+            "debug/skipped_steps": run.skipped_steps})
+        # (C,): each reward term's mean, unweighted
+        reward_terms = runs.gather(samples["reward_terms"]).mean(0)
+        metrics.update({f"rewards/{name}": t for name, t in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
-        run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)  # once per run, above clip/10
+        # warns once per run if above clip/10
+        run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
             evaluate(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if is_main:
-                run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
-                    "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                    "eval_before": eval_before,
-                    "scaler": scaler.state_dict(), "reward_curve": reward_curve})  # LOOP
-                runs.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+                run.save(epoch + 1, denoiser, {  # only finite weights; the state records the run
+                    "epoch": epoch + 1, "global_step": global_step,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "reward_curve": reward_curve, "eval_before": eval_before})  # LOOP
+                runs.plot_curve(reward_curve, run_dir / "reward_curve.png",
+                                title="mean reward per epoch")
     if is_main and reward_curve:
-        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
-                      f"outputs in {run_dir}")
+        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, "
+                    f"last epoch {reward_curve[-1]:.4f}; outputs in {run_dir}")
     logger.close()

@@ -69,7 +69,8 @@ class Args:
     device: Optional[str] = None
     """cuda or cpu (default: cuda if available; under torchrun one GPU per process)"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: fp16 on GPU, as the reference; docs/performance.md)"""
+    """frozen weights and activations in this dtype; trainable weights stay float32 (auto: fp16 on GPU, as
+    the reference; docs/performance.md)"""
     gradient_checkpointing: bool = False
     """recompute UNet activations in the backward pass: less memory, ~30% slower"""
     compile: bool = False
@@ -88,7 +89,8 @@ class Args:
     """DDIM eta: 1 is the stochastic (DDPM-like) policy; must be > 0 for log-probabilities. On an SD 3.x model, the
     noise level a of Flow-GRPO's SDE (docs/flow.md). Unset: SD_DEFAULTS above on SD 1.x/2.x, 0.7 on SD 3.x"""
     guidance: Optional[float] = None
-    """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on SD 3.x)"""
+    """classifier-free guidance scale w, in sampling and training (unset: SD_DEFAULTS above on SD 1.x/2.x, 4.5 on
+    SD 3.x)"""
     resolution: Optional[int] = None
     """image side in pixels for sampling and evaluation, a multiple of the VAE's 8 (times the patch size, 2, on SD 3.x)
     (unset: the model's native size on SD 1.x/2.x, e.g. 512 for SD 1.5; on SD 3.x Flow-GRPO's 512, or the native size
@@ -221,7 +223,6 @@ class ValueNet(torch.nn.Module):  # SaA
         return self.head(torch.cat(features, dim=1)).squeeze(-1)
 
 
-@torch.no_grad()
 def state_values(value_net, samples: dict, timesteps, horizon: int, flat):  # SaA
     """The structured value V(t_k, x_{t_k}, c) of the epoch's states with flat indices n * T + k (`structured_value`
     of V_phi's output): samples["latents"] (N, T+1, ...), samples["x0_rewards"] (N, T), timesteps (T,)."""
@@ -259,8 +260,10 @@ def fit_value(value_net, value_optimizer, samples, timesteps, targets, horizon: 
     return losses
 
 
+@torch.no_grad()
 def denoised_rewards(pipe, reward_fn, pred_x0, texts, per_call: int):  # SaA
-    """r(decode(x0_hat), c) of every state of B trajectories, pred_x0 (B, T, C, h, w) -> (B, T), in calls of `per_call`."""
+    """r(decode(x0_hat), c) of every state of B trajectories, pred_x0 (B, T, C, h, w) -> (B, T), in calls of
+    `per_call`."""
     b, num_steps = pred_x0.shape[:2]
     flat, flat_texts = pred_x0.flatten(0, 1), [text for text in texts for _ in range(num_steps)]
     return torch.cat([reward_fn(common.decode_latents(pipe, flat[i : i + per_call]), flat_texts[i : i + per_call])
@@ -282,7 +285,8 @@ def sampled_kl(pipe, latents, timesteps, embeds, neg_embeds, *, num_steps, guida
             v = common.guided_output(pipe, xi, ti, ci, neg_embeds, guidance)
             with common.adapters_disabled(pipe.transformer):
                 v_pre = common.guided_output(pipe, xi, ti, ci, neg_embeds, guidance)
-            out.append(common.flow_kl_weight(pipe, ti, num_steps=num_steps, eta=eta) * (v - v_pre).pow(2).flatten(1).sum(1))
+            weight = common.flow_kl_weight(pipe, ti, num_steps=num_steps, eta=eta)
+            out.append(weight * (v - v_pre).pow(2).flatten(1).sum(1))
             continue
         alphabar_t, alphabar_next = step_alphas(pipe.scheduler, ti, num_steps)
         eps = common.guided_eps(pipe, xi, ti, ci, neg_embeds, guidance)
@@ -306,7 +310,8 @@ def policy_loss(log_prob, old_log_prob, advantages, clip: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    runs.validate_args(args, SD_DEFAULTS)  # unset flags' family defaults, every shared flag's range, before anything loads
+    # the family's defaults for the unset flags, every shared flag's range: before anything loads
+    runs.validate_args(args, SD_DEFAULTS)
     dist = runs.setup_distributed(args.device)
     device, is_main = dist.device, dist.is_main
     precision = common.resolve_precision(args.mixed_precision, device)
@@ -315,17 +320,23 @@ if __name__ == "__main__":
     minibatches = samples_per_process // args.train_batch_size
     steps_per_epoch = minibatches // args.gradient_accumulation_steps * args.num_inner_epochs
     num_train_timesteps = max(1, int(args.num_steps * args.timestep_fraction))
-    steps_per_call = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)  # per UNet call
+    timesteps_per_update = args.gradient_accumulation_steps * num_train_timesteps
+    # trained timesteps of a trajectory in one UNet call
+    steps_per_call = common.timesteps_per_call(args.timesteps_per_call, num_train_timesteps, device)
     if samples_per_process % (args.train_batch_size * args.gradient_accumulation_steps):
-        cli.fail(f"{samples_per_process} samples per process (--sample-batch-size x --num-batches-per-epoch) must divide "
-                    f"into --train-batch-size {args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
+        cli.fail(f"{samples_per_process} samples per process (--sample-batch-size x "
+                 f"--num-batches-per-epoch) must divide into --train-batch-size "
+                 f"{args.train_batch_size} x --gradient-accumulation-steps "
+                 f"{args.gradient_accumulation_steps}")
     if args.beta < 0 or (args.beta > 0 and args.lora_rank == 0):  # SaA
-        cli.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0) to disable for s_pre")
+        cli.fail(f"--beta {args.beta}: must be >= 0, and > 0 needs LoRA (--lora-rank > 0) to "
+                 f"disable for s_pre")
     if args.value_batch_size < 1 or args.value_epochs < 0:  # SaA
         cli.fail("--value-batch-size must be >= 1 and --value-epochs >= 0")
-    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x {args.num_batches_per_epoch} batches x "
-                  f"{args.sample_batch_size}), {steps_per_epoch} optimiser steps per epoch, {num_train_timesteps} "
-                  f"trained timesteps per trajectory", enabled=is_main)
+    runs.print0(f"{images_per_epoch} images per epoch ({dist.world_size} processes x "
+                f"{args.num_batches_per_epoch} batches x {args.sample_batch_size}), "
+                f"{steps_per_epoch} optimiser steps per epoch, "
+                f"{num_train_timesteps} trained timesteps per trajectory", enabled=is_main)
 
     run = runs.start(args, Path(__file__).stem, dist)  # what to resume and where to write, checked
     checkpoint, run_dir = run.checkpoint, run.dir
@@ -333,17 +344,20 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     prompts = common.load_prompts(args.prompts, args.prompt_file)
-    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed prompts and noise: comparable evals
-    reward_fn = runs.CheckedReward(rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts),
-                                     args.reward)  # the prompts are checked against the reward before it loads
-    pipe = common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
-                                lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
-                                compile=args.compile, seed=args.seed, resolution=args.resolution)
+    eval_prompts = common.load_eval_prompts(args.prompts, args.prompt_file)  # fixed, as its noise
+    # the prompts are checked against the reward before it loads
+    reward_fn = rewards.make(args.reward, device, args.reward_weights, prompts + eval_prompts)
+    reward_fn = runs.CheckedReward(reward_fn, args.reward)
+    pipe = common.load_pipeline(
+        args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile, seed=args.seed, resolution=args.resolution)
     denoiser = common.denoiser(pipe)  # the UNet (SD 1.x/2.x), or the transformer (SD 3.x)
     neg_embeds = common.encode_prompts(pipe, [""])  # (1, 77, D): the empty prompt, encoded once
     params = common.trainable_parameters(denoiser)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     with torch.random.fork_rng(devices=[]):  # SaA: V_phi, the same initial weights on every process
         torch.manual_seed(args.seed)
@@ -352,108 +366,132 @@ if __name__ == "__main__":
     horizon = pipe.scheduler.config.num_train_timesteps  # N of the structured value (1000)
     sample_kw = dict(num_steps=args.num_steps, guidance=args.guidance, eta=args.eta)
     start_epoch, global_step, reward_curve = 0, 0, []  # SaA
-    eval_before = {}  # mean eval reward per step count before training, the reference of the logged gains
+    eval_before = {}  # mean eval reward per step count before training: the gains' reference
     if checkpoint:
         state = runs.load_checkpoint(checkpoint, denoiser)
         runs.load_optimizer(optimizer, state["optimizer"])  # with this run's --learning-rate
         runs.load_scaler(scaler, state["scaler"])  # if both runs use fp16's scaler
         value_net.load_state_dict(state["value_net"])  # SaA
         runs.load_optimizer(value_optimizer, state["value_optimizer"])  # SaA
-        start_epoch, global_step, reward_curve = state["epoch"], state["global_step"], state["reward_curve"]  # SaA
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        reward_curve = state["reward_curve"]  # SaA
         eval_before = state["eval_before"]
         runs.print0(f"resumed from {checkpoint} at epoch {start_epoch}", enabled=is_main)
-    # the run folder is created only now that the model and any checkpoint have loaded: the run can start
-    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track, project=args.wandb_project)
-
-    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision, logger, run_dir,
-                               eval_before, enabled=is_main)  # fixed prompts and noise: comparable across epochs
+    # the run folder is created only now that the model and any checkpoint have loaded
+    logger = runs.Logger(run_dir, vars(args), enabled=is_main, track=args.track,
+                         project=args.wandb_project)
+    # the same prompts and noise at every evaluation, so that its images and rewards compare
+    evaluate = runs.Evaluation(args, pipe, eval_prompts, reward_fn, neg_embeds, precision,
+                               logger, run_dir, eval_before, enabled=is_main)
 
     if start_epoch == 0 and args.image_every > 0:
         evaluate(0, "before")
-    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs", initial=start_epoch,
-                          total=args.num_epochs)
+    bar = runs.progress(range(start_epoch, args.num_epochs), enabled=is_main, desc="epochs",
+                        initial=start_epoch, total=args.num_epochs)
     for epoch in bar:
         t0 = time.time()
         # SAMPLING
-        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per prompt;
-        # this process takes its slice, so the samples do not depend on how many processes share them.
+        # Prompts for the whole (global) epoch from one seeded draw, K consecutive images per
+        # prompt; this process takes its slice, so the samples do not depend on how many
+        # processes share them.
         rng = common.generator("cpu", args.seed, epoch, common.Stream.PROMPTS)
-        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng).repeat_interleave(args.k)
+        all_prompt_ids = torch.randint(len(prompts), (images_per_epoch // args.k,), generator=rng)
+        all_prompt_ids = all_prompt_ids.repeat_interleave(args.k)
         first = dist.rank * samples_per_process
         denoiser.eval()
         batches = []
-        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main, desc="sampling", leave=False):
+        for b in runs.progress(range(args.num_batches_per_epoch), enabled=is_main,
+                               desc="sampling", leave=False):
             lo = first + b * args.sample_batch_size
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
             embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
+            noise = common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device)
             with common.autocast(device, precision):
-                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, return_pred_x0=True,  # SaA: Tweedie x0_hat
-                                     generator=common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device))
-                kl = (sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds, **sample_kw, per_call=len(ids))
-                      if args.beta > 0 else torch.zeros_like(traj.log_probs))  # SaA: (B, T) KL terms
-            rewards, reward_terms = reward_fn(traj.images, texts, components=True)  # (B,) weighted sum, (B, C) terms
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, generator=noise,
+                                     return_pred_x0=True)  # SaA: and Tweedie's x0_hat
+                kl = torch.zeros_like(traj.log_probs)  # SaA: (B, T) KL terms
+                if args.beta > 0:  # SaA
+                    kl = sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg_embeds,
+                                    **sample_kw, per_call=len(ids))
+            # (B,) the weighted sum, (B, C) its terms
+            rewards, reward_terms = reward_fn(traj.images, texts, components=True)
+            # SaA: and r(decode(x0_hat)) (B, T)
+            x0_rewards = denoised_rewards(pipe, reward_fn, traj.pred_x0, texts, per_call=len(ids))
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, embeds=embeds,
-                                rewards=rewards, reward_terms=reward_terms, kl=kl,  # SaA: and r(decode(x0_hat)) (B, T)
-                                x0_rewards=denoised_rewards(pipe, reward_fn, traj.pred_x0, texts, per_call=len(ids))))
+                                rewards=rewards, reward_terms=reward_terms,
+                                kl=kl, x0_rewards=x0_rewards))  # SaA
         samples = {key: torch.cat([s[key] for s in batches]) for key in batches[0]}
         timesteps = traj.timesteps  # (T,), the same grid for every trajectory
 
         # REWARDS AND ADVANTAGES
         rewards = runs.gather(samples["rewards"])  # (images_per_epoch,), in global sample order
-        reward_fn.check(torch.cat([rewards, runs.gather(samples["x0_rewards"]).flatten()]), epoch, run)  # SaA
-        # SaA: the KL is a running reward paid at the step that causes it, rr_k = -beta * kl_k (docs/score_as_action.md, 8).
-        # V_phi is fitted first (MSE of the structured value to the reward-to-go r + sum_{j >= k} rr_j), then gives every
-        # state's value for A_k = rr_k + V(t_{k+1}, x_{k+1}) - V(t_k, x_k).
+        all_x0_rewards = runs.gather(samples["x0_rewards"]).flatten()  # SaA
+        reward_fn.check(torch.cat([rewards, all_x0_rewards]), epoch, run)  # SaA
+        # SaA: the KL is a running reward paid at the step that causes it, rr_k = -beta * kl_k
+        # (docs/score_as_action.md, 8). V_phi is fitted first (MSE of the structured value to the
+        # reward-to-go r + sum_{j >= k} rr_j), then gives every state's value for
+        # A_k = rr_k + V(t_{k+1}, x_{k+1}) - V(t_k, x_k).
         running_rewards = -args.beta * samples["kl"]  # (N, T); zeros when beta = 0
         targets = returns_to_go(samples["rewards"], running_rewards)  # (N, T)
-
-        rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, VALUE_FIT, dist.rank)
+        rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, VALUE_FIT,
+                               dist.rank)
         value_losses = fit_value(value_net, value_optimizer, samples, timesteps, targets, horizon,
-                                 epochs=args.value_epochs, batch_size=args.value_batch_size, generator=rng)
+                                 epochs=args.value_epochs, batch_size=args.value_batch_size,
+                                 generator=rng)
         with torch.no_grad():
             all_states = torch.arange(targets.numel(), device=device).split(args.value_batch_size)
             values = torch.cat([state_values(value_net, samples, timesteps, horizon, flat)
                                 for flat in all_states]).view(-1, args.num_steps)  # (N, T)
         advantages = runs.gather(step_advantages(values, samples["rewards"], running_rewards))
-        advantages = standardise_per_timestep(advantages)  # (images_per_epoch, T): per timestep, over the global batch
-        samples["advantages"] = advantages[first : first + samples_per_process].clamp(-args.adv_clip_max, args.adv_clip_max)
+        # (images_per_epoch, T): per timestep, over the global batch
+        advantages = standardise_per_timestep(advantages)
+        advantages = advantages[first : first + samples_per_process]
+        samples["advantages"] = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
         reward_curve.append(rewards.mean().item())
 
         # TRAINING
         denoiser.train()
         info = {"policy_loss": [], "approx_kl": [], "clipfrac": []}
-        ratio_dev = []  # |rho - 1| before this epoch's first optimiser step: should be ~0 (on-policy check)
+        ratio_dev = []  # |rho - 1| before the epoch's first optimiser step: ~0 (on-policy check)
         for inner in range(args.num_inner_epochs):
-            rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, inner, dist.rank)
+            rng = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE, inner,
+                                   dist.rank)
             perm = torch.randperm(samples_per_process, generator=rng, device=device)
-            # (N, T_train) step indices: each trajectory's own random subset (SD 1.x/2.x), or the first ones (SD 3.x)
-            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps, num_train_timesteps, rng, device)
-            for m in runs.progress(range(minibatches), enabled=is_main, desc="training", leave=False):
+            # (N, T_train) step indices: each trajectory's own random subset (SD 1.x/2.x), or the
+            # first ones (SD 3.x)
+            step_perm = common.trained_steps(pipe, samples_per_process, args.num_steps,
+                                             num_train_timesteps, rng, device)
+            for m in runs.progress(range(minibatches), enabled=is_main, desc="training",
+                                   leave=False):
                 idx = perm[m * args.train_batch_size : (m + 1) * args.train_batch_size]
                 steps = step_perm[idx]  # (b, T_train)
                 rows = idx[:, None]
-                latents, next_latents = samples["latents"][rows, steps], samples["latents"][rows, steps + 1]
-                old_log_probs, embeds = samples["log_probs"][rows, steps], samples["embeds"][idx]
-                adv = samples["advantages"][rows, steps]  # SaA: (b, T_train), one advantage per step
+                latents = samples["latents"][rows, steps]
+                next_latents = samples["latents"][rows, steps + 1]
+                old_log_probs = samples["log_probs"][rows, steps]
+                embeds = samples["embeds"][idx]
+                adv = samples["advantages"][rows, steps]  # SaA: (b, T_train), one per step
                 for j in range(0, num_train_timesteps, steps_per_call):
                     window = slice(j, j + steps_per_call)  # trained steps in one UNet call
-                    with common.autocast(device, precision):  # (b, n): n timesteps of each trajectory
-                        log_prob, _ = common.step_log_prob(pipe, latents[:, window], next_latents[:, window], timesteps[steps[:, window]],
-                                                           embeds, neg_embeds, **sample_kw)
-                    n = log_prob.shape[1]
-                    loss, approx_kl, clipfrac = policy_loss(log_prob, old_log_probs[:, window], adv[:, window], args.clip)  # SaA
-                    scaler.scale(loss * n / (args.gradient_accumulation_steps * num_train_timesteps)).backward()
-                    info["policy_loss"].append(loss.detach().expand(n))  # each window weighted by its timesteps
+                    with common.autocast(device, precision):  # (b, n): n steps per trajectory
+                        log_prob, _ = common.step_log_prob(
+                            pipe, latents[:, window], next_latents[:, window],
+                            timesteps[steps[:, window]], embeds, neg_embeds, **sample_kw)
+                    n, old = log_prob.shape[1], old_log_probs[:, window]
+                    loss, approx_kl, clipfrac = policy_loss(log_prob, old, adv[:, window],
+                                                            args.clip)  # SaA
+                    scaler.scale(loss * n / timesteps_per_update).backward()
+                    info["policy_loss"].append(loss.detach().expand(n))  # weighted by its steps
                     info["approx_kl"].append(approx_kl.expand(n))
                     info["clipfrac"].append(clipfrac.expand(n))
                     if inner == 0 and m < args.gradient_accumulation_steps:
-                        ratio_dev.append((torch.exp(log_prob.detach() - old_log_probs[:, window]) - 1).abs().flatten())
+                        ratio_dev.append((torch.exp(log_prob.detach() - old) - 1).abs().flatten())
                 if (m + 1) % args.gradient_accumulation_steps == 0:
                     runs.average_gradients(params)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient skips it; 3 in a row stop
+                    if run.step_ok(grad_norm, scaler, epoch):  # a non-finite gradient: skipped
                         scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
@@ -461,32 +499,38 @@ if __name__ == "__main__":
 
         # LOGGING AND CHECKPOINTS
         metrics = {f"losses/{k}": torch.cat(v).mean() for k, v in info.items()}
-        metrics.update({"charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
-                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
-                        "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
-                        "debug/ratio_dev_at_start": torch.cat(ratio_dev).mean(),
-                        "debug/skipped_steps": run.skipped_steps, "debug/value_at_start": values[:, 0].mean()})  # SaA: V(t_0, x_T)
+        metrics.update({
+            "charts/reward_mean": rewards.mean(), "charts/reward_std": rewards.std(correction=0),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/grad_norm": grad_norm,
+            "charts/images_per_sec": images_per_epoch / (time.time() - t0), "charts/epoch": epoch,
+            "debug/ratio_dev_at_start": torch.cat(ratio_dev).mean(),
+            "debug/skipped_steps": run.skipped_steps,
+            "debug/value_at_start": values[:, 0].mean()})  # SaA: V(t_0, x_T)
         if value_losses:  # SaA
             metrics["losses/value_loss"] = torch.stack(value_losses).mean()
         if args.beta > 0:  # SaA: sum_k of the per-step KL terms, per trajectory
             metrics["losses/kl_to_ref"] = samples["kl"].sum(1).mean()
-        reward_terms = runs.gather(samples["reward_terms"]).mean(0)  # (C,): each reward term's mean, unweighted
-        metrics.update({f"rewards/{name}": term for name, term in zip(reward_fn.names, reward_terms)})
+        # (C,): each reward term's mean, unweighted
+        reward_terms = runs.gather(samples["reward_terms"]).mean(0)
+        metrics.update({f"rewards/{name}": t for name, t in zip(reward_fn.names, reward_terms)})
         logger.scalars(metrics, global_step)
-        run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)  # once per run, above clip/10
+        # warns once per run if above clip/10
+        run.check_on_policy(metrics["debug/ratio_dev_at_start"], args.clip, epoch)
         bar.set_postfix(reward=f"{reward_curve[-1]:.4f}", kl=f"{metrics['losses/approx_kl']:.2e}")
         last = epoch + 1 == args.num_epochs
         if args.image_every > 0 and ((epoch + 1) % args.image_every == 0 or last):
             evaluate(global_step, "after" if last else f"epoch_{epoch + 1:04d}")
         if (args.save_every > 0 and (epoch + 1) % args.save_every == 0) or last:
             if is_main:
-                run.save(epoch + 1, denoiser, {  # only finite weights; the training state records the run
-                    "epoch": epoch + 1, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                    "eval_before": eval_before,
-                    "scaler": scaler.state_dict(), "value_net": value_net.state_dict(),  # SaA
-                    "value_optimizer": value_optimizer.state_dict(), "reward_curve": reward_curve})
-                runs.plot_curve(reward_curve, run_dir / "reward_curve.png", title="mean reward per epoch")
+                run.save(epoch + 1, denoiser, {  # only finite weights; the state records the run
+                    "epoch": epoch + 1, "global_step": global_step,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "reward_curve": reward_curve, "eval_before": eval_before,
+                    "value_net": value_net.state_dict(),  # SaA
+                    "value_optimizer": value_optimizer.state_dict()})  # SaA
+                runs.plot_curve(reward_curve, run_dir / "reward_curve.png",
+                                title="mean reward per epoch")
     if is_main and reward_curve:
-        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, last epoch {reward_curve[-1]:.4f}; "
-                      f"outputs in {run_dir}")
+        runs.print0(f"mean reward: first epoch {reward_curve[0]:.4f}, "
+                    f"last epoch {reward_curve[-1]:.4f}; outputs in {run_dir}")
     logger.close()
