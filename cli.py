@@ -132,8 +132,8 @@ _PIPES = {}  # a pipe's path -> its bytes: a pipe can be read only once, and a r
 
 def read_input_file(path: str) -> bytes:
     """The bytes of a file given on the command line (a prompt file). A regular file is read as it is; a pipe
-    (`--prompt-file <(...)`, a FIFO) is read once, to its end, for at most PIPE_TIMEOUT seconds (a FIFO that no program writes would block forever), and
-    kept for the process's life."""
+    (`--prompt-file <(...)`, a FIFO) is read once, to its end, for at most PIPE_TIMEOUT seconds (a FIFO that no program
+    writes would block forever), and kept for the process's life."""
     import select
     import stat
 
@@ -227,7 +227,8 @@ ETA_RULES = {
 # timestep_fraction 0.99; config/base.py: noise level 0.7; its evaluation samples with noise level 0,
 # scripts/train_sd3.py line 258): no method here has a flow source of its own. (Flow-GRPO's learning rate 3e-4 and
 # clip range 1e-4 are DDPO's, which PPO and LOOP already use.) An unset --eval-eta on SD 1.x/2.x stays unset: the
-# evaluation samples with --eta, as it always has (and a checkpoint of an earlier version resumes unchanged). docs/flow.md has the table with every line.
+# evaluation samples with --eta, as it always has (and a checkpoint of an earlier version resumes unchanged).
+# docs/flow.md has the table with every line.
 FLOW_DEFAULTS = dict(num_steps=10, guidance=4.5, eta=0.7, timestep_fraction=0.99, eval_eta=0.0, eval_num_steps=(40,))
 SD_COMMON_DEFAULTS = dict(timestep_fraction=1.0, eval_num_steps=(25, 100))
 
@@ -244,4 +245,5 @@ def divergence_hint(args) -> str:
     """The usual causes of non-finite losses, gradients or images, with this run's values."""
     value_lr = f" or --value-learning-rate {args.value_learning_rate:g}" if hasattr(args, "value_learning_rate") else ""
     return (f"likely causes: --learning-rate {args.learning_rate:g}{value_lr} too large, --guidance {args.guidance:g} "
-            f"too large, or a reward of huge scale; lower the learning rate, then resume an earlier checkpoint or start again")
+            f"too large, or a reward of huge scale; lower the learning rate, then resume an earlier checkpoint or "
+            f"start again")

@@ -34,7 +34,8 @@ SD15_RANDOM = "sd15-random"  # Stable Diffusion 1.5's exact shapes and cost: spe
 # The pretrained model of the synthetic shapes world (world/shapes, made by `python -m world.pretrain`): a local
 # diffusers folder that ships with the project, so learning can be seen on a CPU (docs/world.md).
 SHAPES = "shapes"
-SHAPES_DIR = Path(__file__).resolve().parent / "world" / "shapes"  # found by path: common imports neither world nor rewards
+# found by path: common imports neither world nor rewards
+SHAPES_DIR = Path(__file__).resolve().parent / "world" / "shapes"
 # Its flow-matching counterpart in SD 3.x's classes (world/shapes_flow, made by `python -m world.pretrain_flow`).
 SHAPES_FLOW = "shapes-flow"
 SHAPES_FLOW_DIR = SHAPES_DIR.parent / "shapes_flow"
@@ -70,7 +71,8 @@ def _eps_and_x0(scheduler, model_output, a_t, latents):
     if kind == "epsilon":
         return model_output, (latents - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
     if kind == "v_prediction":
-        return a_t.sqrt() * model_output + (1 - a_t).sqrt() * latents, a_t.sqrt() * latents - (1 - a_t).sqrt() * model_output
+        eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * latents
+        return eps, a_t.sqrt() * latents - (1 - a_t).sqrt() * model_output
     fail(f"the scheduler's prediction_type is {kind!r}; supported: {', '.join(PREDICTION_TYPES)}")
 
 
@@ -116,7 +118,8 @@ def ddim_step(scheduler, model_output, t, latents, *, num_steps: int, eta: float
 
 def flow_std(sigma, sigma_1, noise_level: float) -> torch.Tensor:
     """Flow-GRPO's std_t = a sqrt(sigma / (1 - sigma)); at sigma = 1 the reference divides by 1 - sigma_1 instead."""
-    return noise_level * (sigma / (1 - torch.where(sigma == 1, torch.as_tensor(sigma_1, device=sigma.device), sigma))).sqrt()
+    return noise_level * (sigma / (1 - torch.where(sigma == 1, torch.as_tensor(sigma_1, device=sigma.device),
+                                                   sigma))).sqrt()
 
 
 def flow_step(v, latents, sigma, sigma_next, sigma_1, *, noise_level: float, prev_sample=None, noise=None):
@@ -251,7 +254,8 @@ def step_log_prob(pipe, latents, next_latents, t, embeds, neg_embeds, *, num_ste
         _, log_prob, _ = flow_step(v, latents, sigma, sigma_next, sigma_1, noise_level=eta, prev_sample=next_latents)
         return log_prob, v
     output = guided_noise(pipe.unet, latents, t, embeds, neg_embeds, guidance)
-    _, log_prob, _ = ddim_step(pipe.scheduler, output, t, latents, num_steps=num_steps, eta=eta, prev_sample=next_latents)
+    _, log_prob, _ = ddim_step(pipe.scheduler, output, t, latents, num_steps=num_steps, eta=eta,
+                               prev_sample=next_latents)
     return log_prob, predicted_eps(pipe.scheduler, output, t, latents)
 
 
@@ -314,7 +318,8 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
                            generator=generator, latents=latents, return_pred_x0=return_pred_x0, decode=decode)
     unet, scheduler, device = pipe.unet, pipe.scheduler, embeds.device
     if num_steps > scheduler.config.num_train_timesteps:
-        fail(f"{num_steps} sampling steps: the model has only {scheduler.config.num_train_timesteps} training timesteps")
+        fail(f"{num_steps} sampling steps: the model has only {scheduler.config.num_train_timesteps} training "
+             f"timesteps")
     b, c, h = embeds.shape[0], unet.config.in_channels, latent_side(pipe)
     noise = draw_noise((b, num_steps + 1, c, h, h), generator, device)  # (B, T+1, C, h, w)
     scheduler.set_timesteps(num_steps, device=device)
@@ -338,13 +343,15 @@ def sample(pipe, embeds, neg_embeds, *, num_steps: int, guidance: float, eta: fl
 
 
 @torch.no_grad()
-def evaluate(pipe, prompts: Sequence[str], reward_fn, neg_embeds, *, num_steps: int, guidance: float, eta: float, seed: int):
+def evaluate(pipe, prompts: Sequence[str], reward_fn, neg_embeds, *, num_steps: int, guidance: float, eta: float,
+             seed: int):
     """Fixed prompts and fixed noise (independent of the epoch): comparable images and rewards over training."""
     embeds = encode_prompts(pipe, prompts)
     gens = sample_generators(seed, -1, range(len(prompts)), embeds.device)
     c, h = denoiser(pipe).config.in_channels, latent_side(pipe)
     x_T = draw_noise((len(prompts), c, h, h), gens, embeds.device)  # its own draw: the same x_T for any step count
-    traj = sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, eta=eta, generator=gens, latents=x_T)
+    traj = sample(pipe, embeds, neg_embeds, num_steps=num_steps, guidance=guidance, eta=eta, generator=gens,
+                  latents=x_T)
     return traj.images, reward_fn(traj.images, list(prompts))
 
 
@@ -446,9 +453,9 @@ def flow_step_sigmas(pipe, t, b: int, num_steps: int, device) -> tuple:
 
 def flow_kl_weight(pipe, t: torch.Tensor, *, num_steps: int, eta: float) -> torch.Tensor:
     """(b,) for timesteps t (b,): the factor w_t with KL(pi_theta(.|x_t) || pi_pre(.|x_t)) = w_t mean((v_theta -
-    v_pre)^2) per dimension, for two models' flow steps at the same sigma: the means differ by (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
-    (v_theta - v_pre) and share the variance std_t^2 (-dt), so w_t = (1 + std_t^2 (1 - sigma) / (2 sigma))^2 (-dt) /
-    (2 std_t^2). Needs a noise level eta > 0."""
+    v_pre)^2) per dimension, for two models' flow steps at the same sigma: the means differ by (1 + std_t^2 (1 - sigma)
+    / (2 sigma)) dt (v_theta - v_pre) and share the variance std_t^2 (-dt), so w_t = (1 + std_t^2 (1 - sigma) / (2
+    sigma))^2 (-dt) / (2 std_t^2). Needs a noise level eta > 0."""
     sigma, sigma_next, sigma_1 = flow_step_sigmas(pipe, t, t.numel(), num_steps, pipe.transformer.device)
     std_t2 = flow_std(sigma, sigma_1, eta) ** 2
     return (1 + std_t2 * (1 - sigma) / (2 * sigma)) ** 2 * (sigma - sigma_next) / (2 * std_t2)
@@ -552,12 +559,12 @@ def load_pipeline(
     """Load Stable Diffusion for RL fine-tuning and make its UNet trainable.
 
     `model`: a hub id, a local folder in diffusers' layout, `tiny` or `sd15-random` (offline stand-ins
-    built with seed 0, so every run starts from the same "pretrained" model); `seed` seeds the LoRA init. The VAE and text encoder are frozen and cast to the `mixed_precision`
-    dtype. With `lora_rank > 0` the UNet is frozen too and peft LoRA adapters (zero-initialised B, so
-    the model starts exactly at the pretrained one) are attached to `lora_targets`, kept in float32;
-    with `lora_rank == 0` the whole UNet is trained in float32, loaded as float32 (not rounded through the
-    mixed-precision dtype first). Attention uses PyTorch's SDPA (diffusers' default processor). `channels_last`
-    stores the UNet's 4-D weights in channels-last memory format (the same model; convolutions may round
+    built with seed 0, so every run starts from the same "pretrained" model); `seed` seeds the LoRA init. The VAE and
+    text encoder are frozen and cast to the `mixed_precision` dtype. With `lora_rank > 0` the UNet is frozen too and
+    peft LoRA adapters (zero-initialised B, so the model starts exactly at the pretrained one) are attached to
+    `lora_targets`, kept in float32; with `lora_rank == 0` the whole UNet is trained in float32, loaded as float32 (not
+    rounded through the mixed-precision dtype first). Attention uses PyTorch's SDPA (diffusers' default processor).
+    `channels_last` stores the UNet's 4-D weights in channels-last memory format (the same model; convolutions may round
     differently, and run faster on some devices: docs/performance.md). `compile` wraps the UNet's forward in
     `torch.compile`. The model must predict eps or v (`PREDICTION_TYPES`).
 
@@ -580,15 +587,18 @@ def load_pipeline(
             index = DiffusionPipeline.load_config(model)
             sd3 = index.get("_class_name", "").startswith("StableDiffusion3")
             # a folder saved without T5 (the flow shapes model) records it as null, which diffusers loads only if told
-            no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if sd3 and not index.get("text_encoder_3", [0])[0] else {}
+            no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if sd3 and not index.get("text_encoder_3",
+                                                                                         [0])[0] else {}
             # float32 first: frozen parts are cast below, a trained full UNet must not start from rounded weights
             pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=torch.float32, **no_t5) if sd3 else \
                 StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None,
                                                         requires_safety_checker=False)
         except (OSError, ValueError) as e:  # not a folder, not in the cache, hub unreachable or id malformed
             fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local "
-                 f"Hugging Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local folder.")
-        except Exception as e:  # noqa: BLE001 - a folder that is there but incomplete or foreign (e.g. model_index.json {})
+                 f"Hugging Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local "
+                 f"folder.")
+        # a folder that is there but incomplete or foreign (e.g. model_index.json {})
+        except Exception as e:  # noqa: BLE001
             fail(f"model {model!r} is not a complete diffusers Stable Diffusion folder ({one_line(e)}); check its "
                  f"model_index.json and subfolders, or use --model tiny for the offline model")
     if is_flow(pipe):

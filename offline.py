@@ -31,7 +31,8 @@ def clip_tokenizer():
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
         Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer(Path(tmp, "vocab.json").as_posix(), Path(tmp, "merges.txt").as_posix(), pad_token="<|endoftext|>", model_max_length=77)
+        return CLIPTokenizer(Path(tmp, "vocab.json").as_posix(), Path(tmp, "merges.txt").as_posix(),
+                             pad_token="<|endoftext|>", model_max_length=77)
 
 
 def stable_diffusion(tiny: bool, scheduler, seed: int = 0):
@@ -46,7 +47,8 @@ def stable_diffusion(tiny: bool, scheduler, seed: int = 0):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4,
         ) if tiny else UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(
@@ -81,11 +83,13 @@ SD35M_CLIPS = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1
 def stable_diffusion_3(tiny: bool, seed: int = 0):
     """A StableDiffusion3Pipeline with seeded random weights, built without the network, and without T5 (diffusers
     then feeds zeros in its place, as for SD 3.5 loaded without T5); the scheduler is SD3's
-    FlowMatchEulerDiscreteScheduler with shift 3. `tiny-sd3`: an 8 x 8 x 16 latent (4 x 4 patches of 2), two joint transformer blocks (the last, as in
-    every SD3, without the text stream's output), two 32-wide CLIP encoders with projections (their pooled outputs
+    FlowMatchEulerDiscreteScheduler with shift 3. `tiny-sd3`: an 8 x 8 x 16 latent (4 x 4 patches of 2), two joint
+    transformer blocks (the last, as in every SD3, without the text stream's output), two 32-wide CLIP encoders with
+    projections (their pooled outputs
     concatenated: 64 = `pooled_projection_dim`). `sd35m-random`: SD 3.5 Medium's shapes (`SD35M_TRANSFORMER`, its
     VAE and two CLIP encoders: 1024 px, a 128 x 128 x 16 latent), 3.15B random parameters (2.24B in the transformer)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     clips = [dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,

@@ -143,7 +143,8 @@ class ScoreMLP(torch.nn.Module):
     def __init__(self, in_features: int = 768):
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(in_features, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(in_features, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
             torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
 
     def forward(self, embed):
@@ -154,7 +155,8 @@ class AestheticReward:
     """r = MLP(CLIP image embedding / ||.||), about 1-10 for real images."""
 
     def __init__(self, clip_model, mlp: ScoreMLP, image_size: int = 224):
-        self.clip, self.mlp, self.size = clip_model.eval().requires_grad_(False), mlp.eval().requires_grad_(False), image_size
+        self.clip, self.mlp = clip_model.eval().requires_grad_(False), mlp.eval().requires_grad_(False)
+        self.size = image_size
 
     @torch.no_grad()
     def __call__(self, images, prompts=None):
@@ -186,7 +188,8 @@ def aesthetic(device, weights: Optional[str] = None, pretrained: Optional[str] =
     With QuickGELU, the activation OpenAI trained CLIP with and the one DDPO's scorer runs (transformers' CLIPModel):
     open_clip's `ViT-L-14` config has plain GELU since 2.29 and only warns when OpenAI weights load into it, which
     moves the score (a published measurement of this predictor on one image: 5.049 with QuickGELU, 4.443 without)."""
-    state = load_state(weights or hub_file("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"))  # first: fail fast
+    # first: fail fast
+    state = load_state(weights or hub_file("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"))
     import open_clip
 
     clip_model = open_clip.create_model("ViT-L-14", pretrained=pretrained, device=device, force_quick_gelu=True, **arch)
@@ -209,7 +212,8 @@ class CLIPSimilarity:
     """
 
     def __init__(self, model, tokenizer, scale: Optional[float] = None, clamp: bool = False, prefix: str = ""):
-        self.model, self.tokenizer, self.clamp, self.prefix = model.eval().requires_grad_(False), tokenizer, clamp, prefix
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.clamp, self.prefix = clamp, prefix
         self.scale = float(model.logit_scale.exp()) if scale is None else scale
         self.size = model.config.vision_config.image_size
 
@@ -220,8 +224,8 @@ class CLIPSimilarity:
         tok = self.tokenizer([self.prefix + p for p in prompts], padding=True, truncation=True, max_length=77,
                              return_tensors="pt").to(device)
         image = self.model.visual_projection(self.model.vision_model(pixel_values=x).pooler_output).float()
-        text = self.model.text_projection(self.model.text_model(input_ids=tok.input_ids,
-                                                                attention_mask=tok.attention_mask).pooler_output).float()
+        text = self.model.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
+        text = self.model.text_projection(text).float()
         cos = F.cosine_similarity(image, text, dim=-1)
         return (self.scale * (cos.clamp(min=0) if self.clamp else cos)).to(images.device)
 
@@ -327,7 +331,8 @@ def blip_vision_config(state: dict, prefix: str, **kw):
     depth = 1 + max(int(k[len(prefix):].split(".")[1]) for k in state if k.startswith(prefix + "blocks."))
     grid = math.isqrt(state[prefix + "pos_embed"].shape[1] - 1)
     return BlipVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
-                            num_attention_heads=width // 64, image_size=grid * 16, patch_size=16, layer_norm_eps=1e-6, **kw)
+                            num_attention_heads=width // 64, image_size=grid * 16, patch_size=16, layer_norm_eps=1e-6,
+                            **kw)
 
 
 def blip_text_config(state: dict, prefix: str, **kw):
@@ -341,7 +346,8 @@ def blip_text_config(state: dict, prefix: str, **kw):
                           encoder_hidden_size=state[prefix + "encoder.layer.0.crossattention.self.key.weight"].shape[1],
                           intermediate_size=state[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
                           max_position_embeddings=state[prefix + "embeddings.position_embeddings.weight"].shape[0],
-                          layer_norm_eps=1e-12, hidden_act="gelu", bos_token_id=vocab - 2, pad_token_id=0, sep_token_id=102, **kw)
+                          layer_norm_eps=1e-12, hidden_act="gelu", bos_token_id=vocab - 2, pad_token_id=0,
+                          sep_token_id=102, **kw)
 
 
 def blip_tokenizer(source: str = "google-bert/bert-base-uncased"):
@@ -394,7 +400,8 @@ class ImageRewardModel(torch.nn.Module):
 
 
 class ImageReward:
-    """ImageReward's preprocessing: Resize(224) + CenterCrop (bicubic), CLIP normalisation; prompt padded to 35 tokens."""
+    """ImageReward's preprocessing: Resize(224) + CenterCrop (bicubic), CLIP normalisation; prompt padded to 35
+    tokens."""
 
     def __init__(self, model: ImageRewardModel, tokenizer):
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
@@ -404,14 +411,16 @@ class ImageReward:
     def __call__(self, images, prompts):
         device, dtype = _on(self.model)
         x = normalize(resize_center_crop(images.to(device), self.size)).to(dtype)
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt").to(device)
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35,
+                             return_tensors="pt").to(device)
         return self.model(x, tok.input_ids, tok.attention_mask).float().to(images.device)
 
 
 def imagereward_from_state(state: dict) -> ImageRewardModel:
     """Build ImageRewardModel from the original `ImageReward.pt` state dict (keys `blip.visual_encoder.*`,
     `blip.text_encoder.*`, `mlp.layers.*`), sizes read from the weights; every parameter must be covered."""
-    model = ImageRewardModel(blip_vision_config(state, "blip.visual_encoder."), blip_text_config(state, "blip.text_encoder."))
+    model = ImageRewardModel(blip_vision_config(state, "blip.visual_encoder."),
+                             blip_text_config(state, "blip.text_encoder."))
     model.load_state_dict(map_blip_state(state, ("blip.visual_encoder.", "vision."),
                                          {"blip.text_encoder.": "text.", "mlp.": "mlp."}))
     return model
@@ -514,7 +523,8 @@ class BlipVQAReward:
             img = image[torch.tensor([owner[i] for i in rows], device=device)]  # (Q_l, N, D)
             state = self.model.text_encoder(input_ids=q, encoder_hidden_states=img).last_hidden_state  # (Q_l, L, D)
             start = torch.full((len(rows), 1), self.bos, dtype=torch.long, device=device)
-            logits = self.model.text_decoder(input_ids=start, encoder_hidden_states=state, use_cache=False).logits[:, 0].float()
+            logits = self.model.text_decoder(input_ids=start, encoder_hidden_states=state,
+                                             use_cache=False).logits[:, 0].float()
             p_yes[rows] = torch.sigmoid(logits[:, self.yes] - logits[:, self.no])  # = p(yes) / (p(yes) + p(no))
         return out.scatter_reduce_(0, torch.tensor(owner, device=device), p_yes, "prod").to(images.device)
 
@@ -536,7 +546,8 @@ def blip_vqa_from_state(state: dict):
 def blip_vqa(device, weights: Optional[str] = None, image_size: int = 480):
     """`weights`: a transformers BLIP VQA folder or hub id (default Salesforce/blip-vqa-capfilt-large, the port of the
     checkpoint T2I-CompBench uses, stored at 384 px: its position embeddings are interpolated to 480), or the
-    original `.pth` (T2I-CompBench's model itself, 480 px; the tokenizer from its folder's vocab.txt, else the hub's)."""
+    original `.pth` (T2I-CompBench's model itself, 480 px; the tokenizer from its folder's vocab.txt, else the
+    hub's)."""
     from transformers import BlipForQuestionAnswering
 
     if _spacy() is None:
@@ -583,13 +594,15 @@ REWARDS = {
     "jpeg_compressibility": free(jpeg_compressibility),
     "jpeg_incompressibility": free(jpeg_incompressibility),
     "color": free(color, prompts=lambda prompts: [prompt_color(p) for p in prompts]),
-    "shapes": free("world:reward", prompts="world:parse_all"),  # the shapes world's compositional reward (world/__init__.py, docs/world.md)
+    # the shapes world's compositional reward (world/__init__.py, docs/world.md)
+    "shapes": free("world:reward", prompts="world:parse_all"),
     "aesthetic": Entry(aesthetic, "the MLP's .pth/.safetensors (sac+logos+ava1-l14-linearMSE)"),
     "pickscore": Entry(pickscore, "a CLIPModel folder or hub id (yuvalkirstain/PickScore_v1)", hub=True),
     "hpsv2": Entry(hpsv2, "HPS_v2.1_compressed.pt (xswu/HPSv2)"),
     "imagereward": Entry(imagereward, "ImageReward.pt or a folder with it and bert-base-uncased's vocab.txt"),
     "clipscore": Entry(clipscore, "a CLIPModel folder or hub id (openai/clip-vit-large-patch14)", hub=True),
-    "blip_vqa": Entry(blip_vqa, "a BLIP VQA folder or hub id (Salesforce/blip-vqa-capfilt-large) or BLIP's .pth", hub=True),
+    "blip_vqa": Entry(blip_vqa, "a BLIP VQA folder or hub id (Salesforce/blip-vqa-capfilt-large) or BLIP's .pth",
+                      hub=True),
 }
 EXAMPLE = "e.g. --reward pickscore:1,aesthetic:0.1"
 
@@ -621,7 +634,8 @@ def parse_weights(spec: Optional[str], names: Sequence[str]) -> dict:
             continue
         name, sep, path = (part.strip() for part in item.partition("="))
         if not sep or not path:
-            cli.fail(f"--reward-weights {spec!r}: write NAME=PATH[,NAME=PATH...], e.g. --reward-weights aesthetic=mlp.pth")
+            cli.fail(f"--reward-weights {spec!r}: write NAME=PATH[,NAME=PATH...], e.g. --reward-weights "
+                     f"aesthetic=mlp.pth")
         if name not in names:
             cli.fail(f"--reward-weights names {name!r}, which --reward does not use ({', '.join(names)})")
         entry = REWARDS[name]

@@ -65,7 +65,8 @@ def validate_args(args, sd_defaults: Optional[dict] = None):
     cli.check_flags(args)
     if hasattr(args, "timestep_fraction") and int(args.num_steps * args.timestep_fraction) < 1:
         fail(f"--timestep-fraction {args.timestep_fraction} of --num-steps {args.num_steps} trains "
-             f"int({args.num_steps * args.timestep_fraction:g}) = 0 timesteps per trajectory; use at least {1 / args.num_steps:g}")
+             f"int({args.num_steps * args.timestep_fraction:g}) = 0 timesteps per trajectory; use at least "
+             f"{1 / args.num_steps:g}")
     if args.sample_batch_size % args.k:
         fail(f"--sample-batch-size {args.sample_batch_size} must hold whole groups of --k {args.k} images")
 
@@ -135,8 +136,8 @@ def save_checkpoint(path: Union[str, Path], unet, state: dict):
     path = Path(path)
     bad = [name for name, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad or not all(torch.isfinite(t).all() for t in _tensors(state) if t.is_floating_point()):
-        fail(f"not saving {path.name}: the {'weights (' + bad[0] + ', ...)' if bad else 'training state'} are not finite, "
-             f"the run diverged; lower --learning-rate and resume from an earlier checkpoint, which is intact")
+        fail(f"not saving {path.name}: the {'weights (' + bad[0] + ', ...)' if bad else 'training state'} are not "
+             "finite, the run diverged; lower --learning-rate and resume from an earlier checkpoint, which is intact")
     tmp = path.with_name(path.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -260,7 +261,8 @@ def find_checkpoint(path: Union[str, Path], enabled: bool = True) -> tuple:
             state, problem = read_checkpoint(folder)
             if state is not None:
                 if damaged:
-                    print0(f"warning: {'; '.join(damaged)}: resuming from {folder.name}, the newest complete checkpoint",
+                    print0(f"warning: {'; '.join(damaged)}: resuming from {folder.name}, the newest complete "
+                           "checkpoint",
                            enabled=enabled, file=sys.stderr)
                 return folder, state
             damaged.append(f"{folder.name} is damaged ({problem})")
@@ -273,7 +275,8 @@ def find_checkpoint(path: Union[str, Path], enabled: bool = True) -> tuple:
         return path, state
     diverged = sorted(p.name for p in path.glob("checkpoints/*.diverged*"))
     if diverged:
-        fail(f"cannot resume from {str(path)!r}: its only checkpoints were written from diverged weights ({', '.join(diverged)})")
+        fail(f"cannot resume from {str(path)!r}: its only checkpoints were written from diverged weights "
+             f"({', '.join(diverged)})")
     fail(f"no checkpoint found at {str(path)!r}: give a checkpoint folder or a run folder that has checkpoints/")
 
 
@@ -363,8 +366,8 @@ def lock(run_dir: Path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # its folder is read-only, or not ours
             _remove_empty(created)
-            fail(f"cannot lock the run folder {str(run_dir)!r}: the lock file {path.name!r} cannot be created beside it "
-                 f"({one_line(e, 80)}); the folder that holds the run folder must be writable: choose another "
+            fail(f"cannot lock the run folder {str(run_dir)!r}: the lock file {path.name!r} cannot be created beside "
+                 f"it ({one_line(e, 80)}); the folder that holds the run folder must be writable: choose another "
                  f"--output-dir, or copy the run elsewhere and resume it there")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -417,9 +420,9 @@ class Run:
     counted; `patience` of them in a row stop the run. The norm is the one clip_grad_norm_ returns anyway, after the
     all-reduce, so every process decides the same, with one host sync per optimiser step and none in the timestep loop.
     Under fp16 a non-finite gradient is the GradScaler's normal overflow while its scale is >= 1 (it skips the step and
-    lowers the scale itself); only below that does it count. Skipped steps leave the weights as they are, so weights that
-    gave a non-finite gradient are never saved, and when the run stops as diverged, the checkpoints written from the
-    same weights are renamed `epoch_N.diverged`: a resume never picks them.
+    lowers the scale itself); only below that does it count. Skipped steps leave the weights as they are, so weights
+    that gave a non-finite gradient are never saved, and when the run stops as diverged, the checkpoints written from
+    the same weights are renamed `epoch_N.diverged`: a resume never picks them.
     """
 
     dir: Path  # the run folder; the Logger creates it, once the model and any checkpoint have loaded
@@ -456,8 +459,9 @@ class Run:
         if scaler.is_enabled() and scaler.get_scale() >= 1:
             return False
         self.nonfinite_in_a_row += 1
-        print0(f"warning: epoch {epoch}: gradient norm {float(grad_norm)}, optimiser step skipped ({self.nonfinite_in_a_row} "
-               f"in a row, {self.skipped_steps} in this run)", enabled=self.enabled, file=sys.stderr)
+        print0(f"warning: epoch {epoch}: gradient norm {float(grad_norm)}, optimiser step skipped "
+               f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in this run)", enabled=self.enabled,
+               file=sys.stderr)
         if self.nonfinite_in_a_row >= self.patience:
             self.diverged(f"the gradient was not finite in {self.patience} optimiser steps in a row (epoch {epoch})")
         return False
@@ -518,12 +522,14 @@ def start(args, script: str, dist) -> Run:
             fail(f"{where}: it does not record the script and flags that wrote it (an older version), so it cannot be "
                  f"checked; start a new run")
         if theirs["script"] != script:
-            fail(f"{where}: it was written by {theirs['script']}.py, not {script}.py; resume it with {theirs['script']}.py")
+            fail(f"{where}: it was written by {theirs['script']}.py, not {script}.py; resume it with "
+                 f"{theirs['script']}.py")
         for name, value in record["flags"].items():
             if theirs["flags"].get(name) != value:
                 flag = "--" + name.replace("_", "-")
-                fail(f"{where}: {flag} {value} here, {flag} {theirs['flags'].get(name)} in the checkpoint; the flags that "
-                     f"fix the model's shape must match: pass {flag} {theirs['flags'].get(name)}, or start a new run")
+                fail(f"{where}: {flag} {value} here, {flag} {theirs['flags'].get(name)} in the checkpoint; the flags "
+                     f"that fix the model's shape must match: pass {flag} {theirs['flags'].get(name)}, or start a new "
+                     "run")
         if "experiment" not in theirs and not args.fork:
             fail(f"{where}: it does not record its experiment (reward, prompts, seed, batch sizes: an older "
                  f"version), so a resume cannot check it; add --fork to resume it into a new run folder anyway")
@@ -549,7 +555,8 @@ def start(args, script: str, dist) -> Run:
                  f"to train; raise --num-epochs")
         if checkpoint.parent.name == "checkpoints":
             home = checkpoint.parent.parent
-            later = [f.name for e, f in checkpoint_folders(home) if e > state["epoch"] and checkpoint_problem(f) is None]
+            later = [f.name for e, f in checkpoint_folders(home)
+                     if e > state["epoch"] and checkpoint_problem(f) is None]
     if args.run_name:
         run_dir = Path(args.output_dir) / args.run_name
     elif home is not None:
@@ -561,11 +568,11 @@ def start(args, script: str, dist) -> Run:
         fail(f"--run-name {args.run_name}: --fork branches a changed experiment into a new run folder, and this is the "
              f"checkpoint's own; leave out --run-name or choose another")
     if continuing and later:
-        fail(f"--run-name {args.run_name}: resuming from {checkpoint.name} in its own run folder would overwrite its later "
-             f"checkpoints ({', '.join(later)}); leave out --run-name to branch into a new run folder")
+        fail(f"--run-name {args.run_name}: resuming from {checkpoint.name} in its own run folder would overwrite its "
+             f"later checkpoints ({', '.join(later)}); leave out --run-name to branch into a new run folder")
     if len(f".{run_dir.name}.lock".encode()) > 255:  # the lock file's name; most file systems allow 255 bytes
-        fail(f"the run folder's name {run_dir.name[:40]!r}... is {len(run_dir.name.encode())} bytes, and its lock file's "
-             f"name may have at most 255 (each --fork adds about 30); choose a shorter --run-name")
+        fail(f"the run folder's name {run_dir.name[:40]!r}... is {len(run_dir.name.encode())} bytes, and its lock "
+             "file's name may have at most 255 (each --fork adds about 30); choose a shorter --run-name")
     try:
         run_dir.resolve(strict=False)
     except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13, OSError ELOOP after)
@@ -575,7 +582,8 @@ def start(args, script: str, dist) -> Run:
         while not parent.exists():
             parent = parent.parent
         if not parent.is_dir():
-            fail(f"cannot create the run folder {str(run_dir)!r}: {str(parent)!r} is a file; choose another --output-dir")
+            fail(f"cannot create the run folder {str(run_dir)!r}: {str(parent)!r} is a file; choose another "
+                 "--output-dir")
         try:
             tempfile.TemporaryDirectory(dir=parent).cleanup()
         except OSError as e:
@@ -706,7 +714,8 @@ class CheckedReward:
     def __call__(self, images, prompts, components: bool = False):
         """The reward (B,); with `components`, also its unweighted terms (B, C), as rewards.WeightedSum returns them."""
         try:
-            rewards, terms = self.fn(images, prompts, components=True) if components else (self.fn(images, prompts), None)
+            rewards, terms = self.fn(images, prompts,
+                                     components=True) if components else (self.fn(images, prompts), None)
         except Exception as e:  # noqa: BLE001 - whatever a reward raises is reported the same way
             fail(f"reward {self.name!r} raised {one_line(e)}; no update was made with these samples and earlier "
                  f"checkpoints are intact: fix the reward function")
@@ -725,8 +734,8 @@ class CheckedReward:
         if bad_images:
             run.diverged(f"the sampler produced non-finite images at epoch {epoch}, so no update was made with them")
         if not torch.isfinite(rewards).all():
-            fail(f"reward {self.name!r} returned non-finite values for finite images at epoch {epoch}; no update was made "
-                 f"and earlier checkpoints are intact: check the reward function and its inputs")
+            fail(f"reward {self.name!r} returned non-finite values for finite images at epoch {epoch}; no update was "
+                 "made and earlier checkpoints are intact: check the reward function and its inputs")
 
 
 class Evaluation:
@@ -742,7 +751,8 @@ class Evaluation:
     def __init__(self, args, pipe, prompts, reward_fn, neg_embeds, precision: str, logger, run_dir: Path,
                  before: dict, enabled: bool):
         self.args, self.pipe, self.prompts, self.reward_fn, self.neg_embeds = args, pipe, prompts, reward_fn, neg_embeds
-        self.precision, self.logger, self.run_dir, self.before, self.enabled = precision, logger, run_dir, before, enabled
+        self.precision, self.logger, self.run_dir = precision, logger, run_dir
+        self.before, self.enabled = before, enabled
 
     def __call__(self, step: int, tag: str):
         if not self.enabled:
@@ -787,7 +797,8 @@ class Logger:
         if track:
             import wandb
 
-            self.wandb = wandb.init(project=project, name=run_dir.name, config=config, sync_tensorboard=True, dir=str(run_dir))
+            self.wandb = wandb.init(project=project, name=run_dir.name, config=config, sync_tensorboard=True,
+                                    dir=str(run_dir))
         self.writer = SummaryWriter(str(run_dir))
         rows = "\n".join(f"|{k}|{v}|" for k, v in config.items())
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
@@ -815,11 +826,13 @@ class Logger:
             dist.barrier()
 
 
-def image_grid(images: torch.Tensor, captions: Sequence[str] = (), ncols: int = 8, size: int = 128, lines: int = 3) -> Image.Image:
+def image_grid(images: torch.Tensor, captions: Sequence[str] = (), ncols: int = 8, size: int = 128,
+               lines: int = 3) -> Image.Image:
     """Tile images (B, 3, H, W) in [0, 1] into a grid, each with its caption under it (wrapped to `lines` lines)."""
     import textwrap
 
-    pils = [im.resize((size, size), Image.NEAREST if im.width < size else Image.BICUBIC) for im in common.to_uint8(images)]
+    pils = [im.resize((size, size),
+                      Image.NEAREST if im.width < size else Image.BICUBIC) for im in common.to_uint8(images)]
     wrapped = [textwrap.wrap(str(c), size // 6, max_lines=lines, placeholder="..") for c in captions]
     ncols = min(ncols, len(pils))
     nrows, cap = math.ceil(len(pils) / ncols), 12 * max(map(len, wrapped), default=0) + 2 * bool(captions)

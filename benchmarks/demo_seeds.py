@@ -114,7 +114,8 @@ def check(args: Args) -> list:
     except ValueError as e:
         sys.exit(f"error: --extra {args.extra!r}: {e}")
     if len(extra) % 2 or any(not name.startswith("--") for name in extra[::2]):
-        sys.exit(f"error: --extra {args.extra!r}: give pairs of a flag and its value, e.g. --extra='--learning-rate 1e-3'")
+        sys.exit(f"error: --extra {args.extra!r}: give pairs of a flag and its value, "
+                 f"e.g. --extra='--learning-rate 1e-3'")
     fixed = [name for name in extra[::2] if name in ("--guidance", "--eta", "--output-dir", "--run-name", "--seed")]
     if fixed:
         sys.exit(f"error: --extra {args.extra!r}: {fixed[0]} is fixed here (the judged table samples with guidance 5 "
@@ -128,7 +129,8 @@ def main(args: Args):
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = dict(zip(args.seeds, pool.map(lambda s: run(s, args, argv), args.seeds)))
     rows = {seed: judged(d, seed, argv) for seed, d in dirs.items()}
-    print("\n| seed | eval reward before -> after | gain | judged right before -> after | gain |\n|---|---|---|---|---|")
+    print("\n| seed | eval reward before -> after | gain | judged right before -> after | gain |"
+          "\n|---|---|---|---|---|")
     for seed, r in rows.items():
         (rb, jb), (ra, ja) = r["before"], r["after"]
         print(f"| {seed} | {rb:.3f} -> {ra:.3f} | {ra - rb:+.3f} | {jb:.0%} -> {ja:.0%} | {ja - jb:+.0%} |")

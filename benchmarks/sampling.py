@@ -104,6 +104,7 @@ if __name__ == "__main__":
     print(f"model={args.model} device={device} precision={precision} batch={args.batch} steps={args.num_steps} "
           f"resolution={side * pipe.vae_scale_factor} "
           f"cfg={args.guidance} eta={args.eta}")
-    print(f"ours (with log-probs): {ours_s:.3f} s   diffusers pipeline: {theirs_s:.3f} s   ratio: {ours_s / theirs_s:.3f}")
+    print(f"ours (with log-probs): {ours_s:.3f} s   diffusers pipeline: {theirs_s:.3f} s   "
+          f"ratio: {ours_s / theirs_s:.3f}")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -36,7 +36,6 @@ import csv
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import signal
@@ -113,7 +112,8 @@ CLIPPED = ["--train-batch-size", "8", "--gradient-accumulation-steps", "1", "--c
 # current epoch's rewards (with a one-epoch buffer it explained 97% of their variance and left no advantage), 2
 # policy steps of 64 transitions each, and learning rate 1e-3 (3e-3 also learns, less steadily: docs/world.md).
 DPOK = ["--buffer-size", "800", "--num-value-steps", "5", "--num-policy-steps", "2", "--train-batch-size", "16",
-        "--gradient-accumulation-steps", "4", "--num-value-batches", "1", "--value-learning-rate", "1e-3", "--clip", "1e-2",
+        "--gradient-accumulation-steps", "4", "--num-value-batches", "1", "--value-learning-rate", "1e-3", "--clip",
+        "1e-2",
         "--learning-rate", "1e-3"]
 CONFIGS = {
     "reinforce_k4": ("reinforce", ["--k", "4", "--train-batch-size", "8"]),
@@ -181,7 +181,8 @@ def experiment(run: Run, args: Args) -> list:
     batch = min(16, run.images_per_epoch)  # sampling batches of 16 (fewer only for an epoch of fewer images)
     return [f"{run.script}.py", "--model", "shapes", "--reward", "shapes", "--prompts", args.prompts,
             "--num-steps", str(args.num_steps), "--guidance", "5", "--learning-rate", repr(args.learning_rate),
-            "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(run.images_per_epoch // batch), *run.flags,
+            "--sample-batch-size", str(batch), "--num-batches-per-epoch", str(run.images_per_epoch // batch),
+            *run.flags,
             "--num-epochs", str(run.epochs), "--image-every", str(args.eval_every), "--eval-num-steps", "--save-every",
             "0", "--seed", str(run.seed)]
 
@@ -207,7 +208,8 @@ def unet_rows_per_epoch(run: Run, args: Args) -> int:
     flag = lambda name: int(run.flags[run.flags.index(name) + 1])
     sampling = run.images_per_epoch * args.num_steps * 2
     if run.script == "dpok":
-        return sampling + flag("--num-policy-steps") * flag("--gradient-accumulation-steps") * flag("--train-batch-size") * 4
+        steps = flag("--num-policy-steps") * flag("--gradient-accumulation-steps")
+        return sampling + steps * flag("--train-batch-size") * 4
     return sampling + run.images_per_epoch * args.num_steps * 2
 
 
@@ -297,7 +299,8 @@ def final_eval(run: Run, args: Args, threads: int, log) -> dict:
         if STOPPING.is_set():
             return {}
         device = ["--device", args.device] if args.device else []
-        proc = subprocess.Popen([*cmd, *device, "--threads", str(threads)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([*cmd, *device, "--threads", str(threads)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         CHILDREN.add(proc)
     _, err = proc.communicate()
@@ -408,7 +411,8 @@ def final_tables(finals: dict, evals: dict, args: Args) -> str:
     identical = {c for _, c, _, a, b, d in found if same(a, b, d)}
     verdicts = {c: dict(p_holm=float("nan"), m="-", verdict="n/a: identical runs") for c in identical}
     for family in dict.fromkeys(f for f, *_ in found):
-        verdicts.update(stats.holm({c: list(d.values()) for f, c, *_, d in found if f == family and c not in identical}))
+        verdicts.update(stats.holm({c: list(d.values()) for f, c, *_, d in found
+                                    if f == family and c not in identical}))
     lines += ["", "| claim (a - b > 0) | family (claims) | metric | seeds | a - b: mean [t 95%] (bootstrap 95%) | "
               f"Holm p | verdict | equivalence (+-{EQUIVALENCE:g}) | diverged a, b | without diverged pairs [t 95%] |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -421,9 +425,9 @@ def final_tables(finals: dict, evals: dict, args: Args) -> str:
         kept = [diff[s] for s in seeds if not diverged(finals[a, s]) and not diverged(finals[b, s])]
         count = lambda name: sum(diverged(finals[name, s]) for s in seeds)
         p = f"{v['p_holm']:.3f}" if v["p_holm"] == v["p_holm"] else "n/a"
-        lines.append(f"| {claim} | {family} ({v['m']}) | {metric} | {len(seeds)} | {both(values)} | {p} | {v['verdict']} "
-                     f"| {equivalent} | {count(a)}, {count(b)} | "
-                     f"{interval(*stats.t_interval(kept), len(kept)) if len(kept) < len(values) else 'none diverged'} |")
+        without = interval(*stats.t_interval(kept), len(kept)) if len(kept) < len(values) else "none diverged"
+        lines.append(f"| {claim} | {family} ({v['m']}) | {metric} | {len(seeds)} | {both(values)} | {p} | "
+                     f"{v['verdict']} | {equivalent} | {count(a)}, {count(b)} | {without} |")
     return "\n".join(lines)
 
 
@@ -482,7 +486,8 @@ def plot(rows: list, out: Path, prompts: str):
         fig, ax = plt.subplots(figsize=(5, 4))
         finals = np.array([stats.t_interval([r["eval_reward"] for r in rows if r["method"] == n and r["final"]])
                            for _, n in loops])
-        ax.errorbar([k for k, _ in loops], finals[:, 0], yerr=[finals[:, 0] - finals[:, 1], finals[:, 2] - finals[:, 0]],
+        ax.errorbar([k for k, _ in loops], finals[:, 0],
+                    yerr=[finals[:, 0] - finals[:, 1], finals[:, 2] - finals[:, 0]],
                     marker="o", capsize=4)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("K (images per prompt)")
@@ -510,7 +515,8 @@ def plot_claims(finals: dict, out: Path, args: Args):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, m in dpok:
-        (gx, gl, gh), (kx, kl, kh) = stats.t_interval([x["reward_gain"] for x in m]), stats.t_interval([x["kl"] for x in m])
+        (gx, gl, gh) = stats.t_interval([x["reward_gain"] for x in m])
+        (kx, kl, kh) = stats.t_interval([x["kl"] for x in m])
         axes[0].errorbar([kx], [gx], xerr=[[kx - kl], [kh - kx]], yerr=[[gx - gl], [gh - gx]], marker="o", capsize=4,
                          label={"dpok": "beta 0.01", "dpok_beta0": "beta 0", "dpok_beta0.1": "beta 0.1"}[name])
     axes[0].set_xlabel("KL to the pretrained model (path, per dimension)")
@@ -541,8 +547,8 @@ def table(rows: list) -> str:
     """The in-run evaluations (32 fixed-noise samples): each configuration's last one, its gain over the first, and
     the wall-clock per 1000 training images."""
     names = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| method (in-run evaluations) | seeds | final in-run eval reward (mean ± sd) | gain over its first evaluation (mean ± sd) | "
-             "s / 1000 images |", "|---|---|---|---|---|"]
+    lines = ["| method (in-run evaluations) | seeds | final in-run eval reward (mean ± sd) | "
+             "gain over its first evaluation (mean ± sd) | s / 1000 images |", "|---|---|---|---|---|"]
     for name in names:
         mine = [r for r in rows if r["method"] == name]
         seeds = sorted({r["seed"] for r in mine})
@@ -672,8 +678,10 @@ def main(args: Args):
     for run in runs:
         run_evals = read_evals(run, args)
         for j, (epoch, images, seconds, reward, kl) in enumerate(run_evals):
-            new_rows.append(dict(method=run.name, k=next((int(f) for f, g in zip(run.flags[1:], run.flags) if g == "--k"), 1),
-                                 seed=run.seed, epoch=epoch, images=images, unet_evals=epoch * unet_rows_per_epoch(run, args),
+            new_rows.append(dict(method=run.name,
+                                 k=next((int(f) for f, g in zip(run.flags[1:], run.flags) if g == "--k"), 1),
+                                 seed=run.seed, epoch=epoch, images=images,
+                                 unet_evals=epoch * unet_rows_per_epoch(run, args),
                                  seconds=round(seconds, 2), eval_reward=round(reward, 5), kl_to_ref=kl,
                                  final=j == len(run_evals) - 1, budget=args.images, run_seconds=round(run.seconds, 1)))
     ran = {(r.name, r.seed) for r in runs}

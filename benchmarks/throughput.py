@@ -3,7 +3,8 @@
 Two settings, each a few epochs of a real run (a subprocess of the script, as a user runs it, without evaluations
 or checkpoints):
 - `readme`: the README's main job (loop.py, 32 images an epoch in one sampling call, minibatches of 16, 10 steps);
-- `study`: benchmarks/study.py's single-prompt setting (every configuration there, 16 images an epoch, minibatches of 8).
+- `study`: benchmarks/study.py's single-prompt setting (every configuration there, 16 images an epoch, minibatches of
+8).
 
 Each runs at the given ref (checked out into a temporary git worktree, so its own code and model) and at the working
 tree, alternately, `--repeats` times. It prints, per setting, the median over epochs of the scripts' own
@@ -32,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 @dataclass
 class Args:
     ref: str = "0873d40"
-    """the git ref to compare with (its scripts and model, in a temporary worktree; default: the commit before --timesteps-per-call)"""
+    """the git ref to compare with (its scripts and model, in a temporary worktree; default: the commit before
+    --timesteps-per-call)"""
     settings: tuple[str, ...] = ("readme", "study")
     """which settings to measure: readme, study"""
     methods: tuple[str, ...] = ("loop_k4",)

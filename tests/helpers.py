@@ -21,7 +21,8 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OM
 TINY = ["--model", "tiny", "--reward", "color", "--prompts", "colors", "--num-steps", "2", "--sample-batch-size", "4",
         "--num-batches-per-epoch", "1", "--train-batch-size", "2", "--image-every", "1", "--save-every", "1",
         "--eval-num-steps", "3"]
-ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"], "loop": ["--gradient-accumulation-steps", "1"]}
+ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"],
+              "loop": ["--gradient-accumulation-steps", "1"]}
 
 
 # How far apart two float32 evaluations of the same network may be when only their summation order or batch shapes
@@ -41,7 +42,8 @@ def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
 
 def run(script: str, *args, torchrun: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     # --standalone: torchrun picks a free port (a fixed one collides with any other run on the machine)
-    prefix = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [PYTHON]
+    prefix = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+              str(torchrun)] if torchrun else [PYTHON]
     proc = subprocess.run(prefix + [str(ROOT / f"{script}.py"), *map(str, args)], cwd=ROOT, env=OFFLINE,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

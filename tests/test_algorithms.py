@@ -93,11 +93,14 @@ def test_reinforce_gradient_equals_ppo_gradient_on_first_minibatch(tiny, embeds)
     params = common.trainable_parameters(tiny.unet)
     grads = []
     try:
-        for loss_fn in (lambda lp, old: reinforce.policy_loss(lp, old, adv)[0], lambda lp, old: ppo.policy_loss(lp, old, adv, 1e-4)[0]):
+        for loss_fn in (lambda lp, old: reinforce.policy_loss(lp, old, adv)[0], lambda lp, old: ppo.policy_loss(lp, old,
+                                                                                                                adv,
+                                                                                                                1e-4)[0]):
             for p in params:
                 p.grad = None
             for j in range(3):
-                lp, _ = common.step_log_prob(tiny, traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[j], emb, neg,
+                lp, _ = common.step_log_prob(tiny, traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[j], emb,
+                                             neg,
                                              num_steps=3, guidance=5.0, eta=1.0)
                 (loss_fn(lp, traj.log_probs[:, j]) / 3).backward()
             grads.append(torch.cat([p.grad.flatten() for p in params]))

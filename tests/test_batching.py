@@ -34,13 +34,15 @@ def test_step_log_prob_on_b_by_n_transitions_equals_one_call_per_transition(tiny
                 torch.testing.assert_close(log_prob[i, j], one[0], rtol=NETWORK_RTOL, atol=0)
         other, _ = common.step_log_prob(tiny, latents[0, 0][None], next_latents[0, 0][None], t[0, 0][None],
                                         embeds[1][None], neg, **KW)
-        assert (other[0] - log_prob[0, 0]).abs() > 10 * NETWORK_RTOL * log_prob[0, 0].abs()  # the prompt matters (~100x)
+        # the prompt matters (~100x)
+        assert (other[0] - log_prob[0, 0]).abs() > 10 * NETWORK_RTOL * log_prob[0, 0].abs()
 
 
 def test_each_distinct_prompt_is_encoded_once(tiny, monkeypatch):
     calls = []
     encoder = tiny.text_encoder.forward
-    monkeypatch.setattr(tiny.text_encoder, "forward", lambda ids, *a, **k: calls.append(len(ids)) or encoder(ids, *a, **k))
+    monkeypatch.setattr(tiny.text_encoder, "forward",
+                        lambda ids, *a, **k: calls.append(len(ids)) or encoder(ids, *a, **k))
     prompts = ["a red cat", "a green dog", "a red cat", "a red cat"]
     embeds, pooled = common.encode_prompts(tiny, prompts, pooled=True)
     assert calls == [2] and embeds.shape[0] == pooled.shape[0] == 4
@@ -54,7 +56,8 @@ def test_each_distinct_prompt_is_encoded_once(tiny, monkeypatch):
 # first moment, exp_avg = (1 - beta1) g (tests/test_scripts.py's torchrun test does the same). Different prompts
 # within a minibatch where the method allows (K = 1, or K = 2 for the leave-one-out methods).
 SETTINGS = {"reinforce": ["--k", 2], "ppo": ["--k", 1, "--gradient-accumulation-steps", 2],
-            "loop": ["--k", 2, "--gradient-accumulation-steps", 2], "score_as_action": ["--k", 1, "--gradient-accumulation-steps", 2]}
+            "loop": ["--k", 2, "--gradient-accumulation-steps", 2],
+            "score_as_action": ["--k", 1, "--gradient-accumulation-steps", 2]}
 
 
 @pytest.mark.parametrize("script", list(SETTINGS))

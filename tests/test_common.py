@@ -20,7 +20,8 @@ def test_sampler_equals_diffusers_pipeline_at_eta_0(tiny, embeds):
     pipe = StableDiffusionPipeline(**tiny.components)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        theirs = pipe(prompt_embeds=emb, negative_prompt_embeds=neg.expand(3, -1, -1), latents=x_T, num_inference_steps=6,
+        theirs = pipe(prompt_embeds=emb, negative_prompt_embeds=neg.expand(3, -1, -1), latents=x_T,
+                      num_inference_steps=6,
                       guidance_scale=5.0, eta=0.0, output_type="latent").images
     assert ours.latents.shape == (3, 7, 4, 8, 8) and ours.log_probs.shape == (3, 6)
     assert torch.equal(ours.timesteps, pipe.scheduler.timesteps.to(ours.timesteps.device))
@@ -75,7 +76,8 @@ def test_ddim_step_v_prediction_equals_scheduler_step(tiny, embeds):
     torch.testing.assert_close(eps, a_t.sqrt() * v_hat + (1 - a_t).sqrt() * x)
     torch.testing.assert_close(common.guided_eps(v_pipe, x, t, emb, neg, 5.0), eps)
     with pytest.raises(SystemExit) as e:  # any other parametrisation is refused, not silently treated as eps
-        common.ddim_step(common.ddim_scheduler(dict(config, prediction_type="sample")), v, 1, x, num_steps=10, eta=1.0, noise=z)
+        common.ddim_step(common.ddim_scheduler(dict(config, prediction_type="sample")), v, 1, x, num_steps=10, eta=1.0,
+                         noise=z)
     assert str(e.value).startswith("error: ") and "sample" in str(e.value)
 
 
@@ -126,12 +128,15 @@ def test_on_policy_ratio_is_exactly_one(tiny, embeds):
     _, emb, neg = embeds
     perturb_lora(tiny.unet)
     try:
-        traj = common.sample(tiny, emb, neg, num_steps=5, guidance=5.0, eta=1.0, generator=torch.Generator().manual_seed(5))
+        traj = common.sample(tiny, emb, neg, num_steps=5, guidance=5.0, eta=1.0,
+                             generator=torch.Generator().manual_seed(5))
         perm = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(i)) for i in range(3)])
         rows = torch.arange(3)[:, None]
-        lat, nxt, ts, old = traj.latents[:, :-1][rows, perm], traj.latents[:, 1:][rows, perm], traj.timesteps[perm], traj.log_probs[rows, perm]
+        lat, nxt = traj.latents[:, :-1][rows, perm], traj.latents[:, 1:][rows, perm]
+        ts, old = traj.timesteps[perm], traj.log_probs[rows, perm]
         with torch.no_grad():
-            new = torch.stack([common.step_log_prob(tiny, lat[:, j], nxt[:, j], ts[:, j], emb, neg, num_steps=5, guidance=5.0,
+            new = torch.stack([common.step_log_prob(tiny, lat[:, j], nxt[:, j], ts[:, j], emb, neg, num_steps=5,
+                                                    guidance=5.0,
                                                     eta=1.0)[0] for j in range(5)], dim=1)
         assert (new - old).abs().max() < 1e-5
         assert (torch.exp(new - old) - 1).abs().max() < 1e-5
@@ -288,7 +293,8 @@ def test_prompt_sets_and_files(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a cat\n\n  a dog  \n")
     assert common.load_prompts("colors", str(f)) == ["a cat", "a dog"]
-    for bad, text in ((tmp_path / "missing.txt", None), (tmp_path / "empty.txt", " \n\n"), (tmp_path / "bin.txt", b"\xff\xfe\x00")):
+    for bad, text in ((tmp_path / "missing.txt", None), (tmp_path / "empty.txt", " \n\n"),
+                      (tmp_path / "bin.txt", b"\xff\xfe\x00")):
         if isinstance(text, str):
             bad.write_text(text)
         elif text is not None:

@@ -29,7 +29,8 @@ import score_as_action as saa
 
 # 8 images of the toy task, 3 steps, every step trained; one optimiser step per epoch (so every minibatch is
 # on-policy when it is computed), no images or checkpoints. K = 2: consecutive pairs share a prompt.
-ONE_UPDATE = [*TINY[:6], "--num-steps", 3, "--sample-batch-size", 8, "--num-batches-per-epoch", 1, "--train-batch-size", 4,
+ONE_UPDATE = [*TINY[:6], "--num-steps", 3, "--sample-batch-size", 8, "--num-batches-per-epoch", 1, "--train-batch-size",
+              4,
               "--num-epochs", 1, "--image-every", 0, "--save-every", 0, "--k", 2, "--learning-rate", 1e-4]
 SCRIPT_ARGS = {  # what makes one epoch of each script one optimiser step on its samples
     "reinforce": [],  # one optimiser step per epoch by construction
@@ -109,7 +110,8 @@ def log_prob_change(g, initial=None):
     kw = dict(num_steps=len(steps), guidance=g["args"].guidance, eta=g["args"].eta)
 
     def log_probs():
-        return torch.stack([common.step_log_prob(pipe, x[:, j], x[:, j + 1], steps[j].expand(n), embeds, g["neg_embeds"],
+        return torch.stack([common.step_log_prob(pipe, x[:, j], x[:, j + 1], steps[j].expand(n), embeds,
+                                                 g["neg_embeds"],
                                                  **kw)[0] for j in range(len(steps))], dim=1)
 
     with torch.no_grad():
@@ -144,9 +146,11 @@ def test_dpok_one_update_raises_the_favoured_transitions(tmp_path, monkeypatch):
     embeds = common.encode_prompts(pipe, [g["prompts"][i] for i in b["prompt_ids"].tolist()])
     kw = dict(num_steps=len(g["timesteps"]), guidance=g["args"].guidance, eta=g["args"].eta)
     with torch.no_grad():
-        new = common.step_log_prob(pipe, b["latents"], b["next_latents"], g["timesteps"][steps], embeds, g["neg_embeds"], **kw)[0]
+        new = common.step_log_prob(pipe, b["latents"], b["next_latents"], g["timesteps"][steps], embeds,
+                                   g["neg_embeds"], **kw)[0]
         with common.adapters_disabled(pipe.unet):
-            old = common.step_log_prob(pipe, b["latents"], b["next_latents"], g["timesteps"][steps], embeds, g["neg_embeds"],
+            old = common.step_log_prob(pipe, b["latents"], b["next_latents"], g["timesteps"][steps], embeds,
+                                       g["neg_embeds"],
                                        **kw)[0]
     delta = new - old
     with torch.no_grad():
@@ -163,7 +167,8 @@ def test_score_as_action_one_update_follows_its_step_advantages(tmp_path, monkey
     log pi_old)_ik > 0. The last step's advantage is the favoured reward minus a value that does not see it."""
     g, _ = one_update("score_as_action", tmp_path, monkeypatch)
     samples = g["samples"]
-    advantages = saa.standardise_per_timestep(saa.step_advantages(g["values"], samples["rewards"], torch.zeros_like(g["values"])))
+    advantages = saa.standardise_per_timestep(saa.step_advantages(g["values"], samples["rewards"],
+                                                                  torch.zeros_like(g["values"])))
     change = log_prob_change(g)
     assert (advantages * change).sum() > 0
     favoured = torch.arange(len(change)) % 2 == 0
@@ -186,7 +191,8 @@ def kl_to_pretrained(g):
 def test_dpok_kl_term_pulls_towards_the_pretrained_model(tmp_path, monkeypatch):
     """From a policy away from the pretrained model, with a reward that favours nothing and the KL term alone
     (alpha > 0 is required: tiny), one update lowers DPOK's KL term on the epoch's own states."""
-    g, initial = one_update("dpok", tmp_path, monkeypatch, "--beta", 1.0, "--alpha", 1e-6, reward=constant, perturb=True)
+    g, initial = one_update("dpok", tmp_path, monkeypatch, "--beta", 1.0, "--alpha", 1e-6, reward=constant,
+                            perturb=True)
     after = kl_to_pretrained(g)
     with old_policy(g["pipe"], initial):
         before = kl_to_pretrained(g)

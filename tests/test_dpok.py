@@ -158,7 +158,8 @@ def test_transitions_are_step_major_and_the_buffer_keeps_exactly_the_most_recent
     for j in range(num_steps):
         for i in range(n):
             k = j * n + i  # all samples at step 0, then step 1, ... (the reference's order)
-            assert torch.equal(tr["latents"][k], latents[i, j]) and torch.equal(tr["next_latents"][k], latents[i, j + 1])
+            assert torch.equal(tr["latents"][k], latents[i, j]) and torch.equal(tr["next_latents"][k],
+                                                                                latents[i, j + 1])
             assert tr["steps"][k] == j and tr["log_probs"][k] == log_probs[i, j] and tr["rewards"][k] == rewards[i]
             assert torch.equal(tr["text"][k], text[i]) and tr["prompt_ids"][k] == [2, 0, 1][i]
     buffer, added = {}, []
@@ -181,7 +182,8 @@ def _drift_from_pretrained(tiny, prompts, emb, neg, beta: float, updates: int = 
             traj = common.sample(tiny, emb, neg, **KW, generator=torch.Generator().manual_seed(100 + u))
             scores = rewards.color(traj.images, prompts)
             for j in range(KW["num_steps"]):
-                log_prob, eps, eps_pre = _step(tiny, emb, neg, traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[j])
+                log_prob, eps, eps_pre = _step(tiny, emb, neg, traj.latents[:, j], traj.latents[:, j + 1],
+                                               traj.timesteps[j])
                 loss, _, _ = dpok.policy_loss(log_prob, traj.log_probs[:, j], scores - scores.mean(), 1e-4)
                 ((10.0 * loss + beta * dpok.kl_to_pretrained(eps, eps_pre).mean()) / KW["num_steps"]).backward()
             optimizer.step()
@@ -199,7 +201,8 @@ def _drift_from_pretrained(tiny, prompts, emb, neg, beta: float, updates: int = 
 
 def test_large_beta_keeps_the_model_closer_to_the_pretrained_one(tiny, embeds):
     prompts, emb, neg = embeds
-    free, held = _drift_from_pretrained(tiny, prompts, emb, neg, beta=0.0), _drift_from_pretrained(tiny, prompts, emb, neg, beta=100.0)
+    free, held = _drift_from_pretrained(tiny, prompts, emb, neg, beta=0.0), _drift_from_pretrained(tiny, prompts, emb,
+                                                                                                   neg, beta=100.0)
     assert free > 0 and held < free / 5, (free, held)  # measured: 0.037 vs 0.0018
 
 
@@ -209,7 +212,8 @@ def test_large_beta_keeps_the_model_closer_to_the_pretrained_one(tiny, embeds):
 
 # 4 images x 2 steps = 8 transitions per epoch into a buffer of 12 (trimmed at epoch 1, when it holds 4 transitions of
 # epoch 0 and 8 new ones), 2 policy steps of 2 x 2.
-SMALL = [*TINY, "--gradient-accumulation-steps", 2, "--num-policy-steps", 2, "--buffer-size", 12, "--value-batch-size", 4,
+SMALL = [*TINY, "--gradient-accumulation-steps", 2, "--num-policy-steps", 2, "--buffer-size", 12, "--value-batch-size",
+         4,
          "--num-value-batches", 2]
 
 
@@ -228,9 +232,10 @@ def test_end_to_end_outputs(runs):
     assert (run_dir / "images" / "before.png").exists() and (run_dir / "images" / "after.png").exists()
     assert (run_dir / "reward_curve.png").exists()
     logged = scalars(run_dir)
-    for tag in ("charts/reward_mean", "charts/reward_std", "charts/images_per_sec", "charts/learning_rate", "losses/policy_loss",
-                "losses/kl_to_ref", "losses/value_loss", "losses/approx_kl", "losses/clipfrac", "debug/ratio_dev_at_start",
-                "losses/explained_variance", "debug/fresh_fraction", "eval/reward_mean", "eval/reward_gain_3steps"):
+    for tag in ("charts/reward_mean", "charts/reward_std", "charts/images_per_sec", "charts/learning_rate",
+                "losses/policy_loss", "losses/kl_to_ref", "losses/value_loss", "losses/approx_kl", "losses/clipfrac",
+                "debug/ratio_dev_at_start", "losses/explained_variance", "debug/fresh_fraction", "eval/reward_mean",
+                "eval/reward_gain_3steps"):
         assert tag in logged, tag
     # the policy trains on the whole buffer: at epoch 0 all of it is fresh, at epoch 1 old transitions are drawn too
     (_, fresh0), (_, fresh1) = logged["debug/fresh_fraction"]
@@ -243,8 +248,8 @@ def test_end_to_end_outputs(runs):
     assert state["buffer"]["latents"].shape == (12, 4, 8, 8)
     assert state["buffer"]["steps"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]  # epoch 0's step 1, then epoch 1
     assert set(state["value_net"]) and state["value_optimizer"]["state"] and state["optimizer"]["state"]
-    assert any(v.abs().max() > 0 for k, v in lora_weights(run_dir / "checkpoints" / "epoch_0002").items() if "lora_B" in k
-               or "lora.up" in k)
+    weights = lora_weights(run_dir / "checkpoints" / "epoch_0002")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
     common.offline_pipeline("tiny").load_lora_weights(str(run_dir / "checkpoints" / "epoch_0002"))
 
 
@@ -266,7 +271,8 @@ def test_resume_is_bit_identical(runs):
 
 
 def test_torchrun_two_processes(tmp_path):
-    run("dpok", *SMALL, "--num-epochs", 1, "--image-every", 0, "--output-dir", tmp_path, "--run-name", "two", torchrun=2)
+    run("dpok", *SMALL, "--num-epochs", 1, "--image-every", 0, "--output-dir", tmp_path, "--run-name", "two",
+        torchrun=2)
     state = training_state(tmp_path / "two" / "checkpoints" / "epoch_0001")
     assert state["world_size"] == 2 and state["buffer"]["rewards"].shape == (16,)  # both processes' buffers
     assert len(state["reward_curve"]) == 1 and state["global_step"] == 2

@@ -1,6 +1,6 @@
-"""The flow-matching path (SD 3.x, docs/flow.md): Flow-GRPO's SDE step and sampler against diffusers and analytic values,
-the training path's log-probabilities, LoRA in diffusers' SD3 format, and the scripts on the tiny SD3-class model
-(all five scripts train on it; DPOK and Score as Action with the exact per-step KL of the flow step)."""
+"""The flow-matching path (SD 3.x, docs/flow.md): Flow-GRPO's SDE step and sampler against diffusers and analytic
+values, the training path's log-probabilities, LoRA in diffusers' SD3 format, and the scripts on the tiny SD3-class
+model (all five scripts train on it; DPOK and Score as Action with the exact per-step KL of the flow step)."""
 
 import math
 
@@ -34,7 +34,8 @@ def test_the_sampler_at_noise_level_0_is_diffusers_sd3_pipeline(sd3, guidance):
     assert torch.equal(hidden, ref_hidden) and torch.equal(pooled, ref_pooled)  # the packing loses nothing
     assert hidden.shape[1] == 77 + 77  # the CLIP tokens, then as many zero rows in T5's place (common.t5_tokens)
     x_1 = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    traj = common.flow_sample(sd3, embeds, neg, num_steps=4, guidance=guidance, noise_level=0.0, latents=x_1, decode=False)
+    traj = common.flow_sample(sd3, embeds, neg, num_steps=4, guidance=guidance, noise_level=0.0, latents=x_1,
+                              decode=False)
     neg_hidden, neg_pooled = common.unpack_flow_embeds(sd3.transformer, neg.expand(3, -1, -1))
     expected = sd3(prompt_embeds=hidden, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_hidden,
                    negative_pooled_prompt_embeds=neg_pooled, latents=x_1, num_inference_steps=4,
@@ -109,14 +110,16 @@ def test_sd3_lora_checkpoints_load_in_diffusers_and_resume_exactly(tmp_path, alp
 
     pipe = fresh(True)
     names = [n for n, p in pipe.transformer.named_parameters() if p.requires_grad]
-    assert {t for t in common.FLOW_LORA_TARGETS if any(f".{t}.lora_A." in n for n in names)} == set(common.FLOW_LORA_TARGETS)
+    adapted = {t for t in common.FLOW_LORA_TARGETS if any(f".{t}.lora_A." in n for n in names)}
+    assert adapted == set(common.FLOW_LORA_TARGETS)
     assert all(".lora_" in n for n in names) and all(p.dtype == torch.float32 for p in
                                                      common.trainable_parameters(pipe.transformer))
     with torch.no_grad():
         for i, p in enumerate(common.trainable_parameters(pipe.transformer)):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
     runs.save_checkpoint(tmp_path / "ckpt", pipe.transformer, {"epoch": 1})
-    embeds, neg = common.encode_flow_prompts(pipe, ["a red circle", "a blue square"]), common.encode_flow_prompts(pipe, [""])
+    embeds, neg = common.encode_flow_prompts(pipe, ["a red circle", "a blue square"]), common.encode_flow_prompts(pipe,
+                                                                                                                  [""])
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = common.guided_velocity(pipe.transformer, x, 700.0, embeds, neg, 5.0)
@@ -142,7 +145,9 @@ def test_the_training_path_gives_the_samplers_log_probs_on_a_flow_model():
     with a trajectory's steps in one call of B x T rows up to float rounding (other batch shapes: 1.2e-7 measured),
     bounded by 1e-5, where the scripts warn that a ratio is no longer 1 on-policy (clip / 10 at SD's clip 1e-4)."""
     pipe = common.load_pipeline(common.TINY_SD3, lora_rank=4)
-    embeds, neg = common.encode_prompts(pipe, ["a red image", "a blue image", "a red image"]), common.encode_prompts(pipe, [""])
+    embeds, neg = common.encode_prompts(pipe,
+                                        ["a red image", "a blue image", "a red image"]), common.encode_prompts(pipe,
+                                                                                                               [""])
     with torch.no_grad():
         for i, p in enumerate(common.trainable_parameters(pipe.transformer)):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
@@ -151,7 +156,8 @@ def test_the_training_path_gives_the_samplers_log_probs_on_a_flow_model():
     assert traj.log_probs.shape == (3, 4) and torch.isfinite(traj.log_probs).all()
     kw = dict(num_steps=4, guidance=5.0, eta=0.7)
     with torch.no_grad():
-        per_step = torch.stack([common.step_log_prob(pipe, traj.latents[:, i], traj.latents[:, i + 1], traj.timesteps[i],
+        per_step = torch.stack([common.step_log_prob(pipe, traj.latents[:, i], traj.latents[:, i + 1],
+                                                     traj.timesteps[i],
                                                      embeds, neg, **kw)[0] for i in range(4)], dim=1)
         together, _ = common.step_log_prob(pipe, traj.latents[:, :-1], traj.latents[:, 1:], traj.timesteps.expand(3, 4),
                                            embeds, neg, **kw)
@@ -381,7 +387,8 @@ def test_the_training_gradient_detaches_the_unconditional_velocity_on_sd3_only(m
             guided = v_u + w * (v_c - v_u)
             if flow:
                 sigma, sigma_next, sigma_1 = common.flow_step_sigmas(pipe, t, 2, 3, "cpu")
-                return common.flow_step(guided, x, sigma, sigma_next, sigma_1, noise_level=0.7, prev_sample=x_next)[1].sum()
+                return common.flow_step(guided, x, sigma, sigma_next, sigma_1, noise_level=0.7,
+                                        prev_sample=x_next)[1].sum()
             return common.ddim_step(pipe.scheduler, guided, t, x, num_steps=3, eta=0.7, prev_sample=x_next)[1].sum()
         return _grads(pipe, loss)
 

@@ -89,10 +89,12 @@ def test_resume_refuses_a_changed_experiment_in_one_line_naming_both_values(loop
     is refused, naming both values, and nothing is written; the flags the README lists as free are not."""
     (tmp_path / "prompts.txt").write_text("a red square\n")
     base = [*T, "--gradient-accumulation-steps", 1, "--num-epochs", 3, "--resume", loop_run]
-    cases = [(["--reward", "jpeg_compressibility"], "--reward jpeg_compressibility here, --reward color in the checkpoint"),
+    cases = [(["--reward",
+               "jpeg_compressibility"], "--reward jpeg_compressibility here, --reward color in the checkpoint"),
              (["--seed", 5], "--seed 5 here, --seed 42 in the checkpoint"),
              (["--prompt-file", tmp_path / "prompts.txt"], f"--prompt-file {tmp_path / 'prompts.txt'} (text sha256 "),
-             (["--sample-batch-size", 8, "--k", 4], "--sample-batch-size 8 here, --sample-batch-size 4 in the checkpoint"),
+             (["--sample-batch-size", 8, "--k",
+               4], "--sample-batch-size 8 here, --sample-batch-size 4 in the checkpoint"),
              (["--clip", 0.5], "--clip 0.5 here, --clip 0.0001 in the checkpoint"),
              (["--num-steps", 3], "--num-steps 3 here, --num-steps 4 in the checkpoint"),
              (["--reward", "jpeg_compressibility", "--seed", 5], "(and 1 more: seed)"),
@@ -199,7 +201,8 @@ def test_a_damaged_training_state_is_refused_before_the_model_loads(loop_run, tm
 @pytest.mark.parametrize("reward, prompts, message", [
     ("color", "simple_animals", "the color reward needs prompts that name one of"),
     ("shapes", "colors", "the shapes reward needs prompts that name '<colour> <shape>' objects")])
-def test_prompts_a_reward_cannot_score_are_refused_before_the_model_loads(reward, prompts, message, tmp_path, monkeypatch):
+def test_prompts_a_reward_cannot_score_are_refused_before_the_model_loads(reward, prompts, message, tmp_path,
+                                                                          monkeypatch):
     def loads(*args, **kwargs):
         raise AssertionError("the model loaded before the prompts were checked")
 
@@ -223,8 +226,8 @@ def test_ctrl_c_and_sigterm_end_a_run_in_one_line_saying_how_to_continue(signum,
     lines = [line for line in err.splitlines() if line.strip()]
     newest = runs.checkpoint_folders(tmp_path / "a")[-1][1]
     assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
-    assert lines[-1] == (f"error: interrupted{' by SIGTERM' if signum == signal.SIGTERM else ''}; the newest checkpoint "
-                         f"is {newest}; continue with the same flags and --resume {tmp_path / 'a'}")
+    assert lines[-1] == (f"error: interrupted{' by SIGTERM' if signum == signal.SIGTERM else ''}; the newest "
+                         f"checkpoint is {newest}; continue with the same flags and --resume {tmp_path / 'a'}")
     assert not (tmp_path / ".a.lock").exists()
 
 
@@ -270,13 +273,14 @@ def test_only_a_refused_write_or_an_interrupt_loses_its_traceback(capsys):
                       OSError(errno.ENOENT, "No such file"), OSError(errno.EACCES, "Permission denied"), ValueError()):
             sys.excepthook(type(error), error, None)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0].startswith("error: a write failed (OSError: [Errno 28] No space left on device") and lines[0].endswith(
-        "; what to do")
+    assert lines[0].startswith("error: a write failed (OSError: [Errno 28] No space left on device")
+    assert lines[0].endswith("; what to do")
     assert lines[-1] == "error: interrupted; what to do" and len([x for x in lines if x]) == 2
     assert seen == [FileNotFoundError, PermissionError, ValueError]
 
 
-STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_k4", "--seeds", "1", "--final-images", "8",
+STUDY = [PYTHON, str(ROOT / "benchmarks" / "study.py"), "--methods", "reinforce_k4", "--seeds", "1", "--final-images",
+         "8",
          "--eval-every", "1", "--jobs", "1"]
 
 

@@ -212,7 +212,8 @@ def test_kl_is_a_running_reward_paid_at_its_step(tmp_path):
     beta = 0.1
     g = run_main("score_as_action", *TINY, "--num-steps", 3, "--sample-batch-size", 2, "--num-batches-per-epoch", 2,
                  "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--beta", beta, "--value-batch-size", 4,
-                 "--learning-rate", 1e-2, "--num-epochs", 2, "--image-every", 0, "--save-every", 0, "--output-dir", tmp_path)
+                 "--learning-rate", 1e-2, "--num-epochs", 2, "--image-every", 0, "--save-every", 0, "--output-dir",
+                 tmp_path)
     kl, rewards, targets = g["samples"]["kl"], g["samples"]["rewards"], g["targets"]
     assert kl.shape == (4, 3) and (kl > 0).all()
     torch.testing.assert_close(targets[:, -1], rewards - beta * kl[:, -1])
@@ -254,7 +255,8 @@ def learned(tmp_path_factory):
 def ppo_learned(tmp_path_factory):
     """ppo.py run exactly as the learning run (same flags, seed, sizes, guidance 7): the comparison's other arm."""
     out = tmp_path_factory.mktemp("ppo")
-    run_script("ppo", *TINY, *LEARN, "--guidance", 7, "--num-epochs", EPOCHS, "--image-every", EPOCHS, "--save-every", 0,
+    run_script("ppo", *TINY, *LEARN, "--guidance", 7, "--num-epochs", EPOCHS, "--image-every", EPOCHS, "--save-every",
+               0,
                "--seed", 1, "--output-dir", out, "--run-name", "learn")
     return out / "learn"
 

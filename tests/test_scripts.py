@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-from helpers import (ACCUMULATE, NETWORK_RTOL, TINY, assert_close_normwise, error_line, lora_weights, run, run_here, run_main,
-                     scalars, training_state)
+from helpers import (ACCUMULATE, NETWORK_RTOL, TINY, assert_close_normwise, error_line, lora_weights, run, run_here,
+                     run_main, scalars, training_state)
 
 import common
 import rewards
@@ -18,7 +18,8 @@ def two_epochs(tmp_path_factory):
     """Each script run for 2 epochs in one go (checkpoint every epoch): shared by several tests."""
     out = tmp_path_factory.mktemp("runs")
     for script in SCRIPTS:
-        weighted = ["--reward", "color,jpeg_compressibility:0"] if script == "ppo" else []  # a sum with a logged-only term
+        # a sum with a logged-only term
+        weighted = ["--reward", "color,jpeg_compressibility:0"] if script == "ppo" else []
         run(script, *TINY, *ACCUMULATE[script], *weighted, "--num-epochs", 2, "--output-dir", out, "--run-name", script)
     return out
 
@@ -33,7 +34,8 @@ def test_end_to_end_outputs_and_on_policy_check(two_epochs, script):
         assert set(lora_weights(ckpt)) and training_state(ckpt)["epoch"] == epoch
     logged = scalars(run_dir)
     for tag in ("charts/reward_mean", "charts/reward_std", "charts/images_per_sec", "charts/learning_rate",
-                "losses/policy_loss", "losses/approx_kl", "losses/clipfrac", "debug/ratio_dev_at_start", "eval/reward_mean"):
+                "losses/policy_loss", "losses/approx_kl", "losses/clipfrac", "debug/ratio_dev_at_start",
+                "eval/reward_mean"):
         assert tag in logged, tag
     # each reward term is logged unweighted; a term of weight 0 is logged and leaves the reward as it was
     assert [v for _, v in logged["rewards/color"]] == [v for _, v in logged["charts/reward_mean"]]
@@ -42,8 +44,8 @@ def test_end_to_end_outputs_and_on_policy_check(two_epochs, script):
     assert all(v < 1e-5 for _, v in logged["debug/ratio_dev_at_start"])
     assert len(logged["charts/reward_mean"]) == 2 and len(logged["eval/reward_mean"]) == 3  # before, epoch 1, after
     # the LoRA weights moved, and diffusers loads them
-    assert any(v.abs().max() > 0 for k, v in lora_weights(run_dir / "checkpoints" / "epoch_0002").items() if "lora_B" in k
-               or "lora.up" in k)
+    weights = lora_weights(run_dir / "checkpoints" / "epoch_0002")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
     pipe = common.offline_pipeline("tiny")
     pipe.load_lora_weights(str(run_dir / "checkpoints" / "epoch_0002"))
 
@@ -56,7 +58,8 @@ def test_loop_canonical_call(tmp_path):
 
 # One epoch in process: 4 images x 4 steps, --timestep-fraction 0.5 (2 trained steps per trajectory), 2 minibatches
 # of 2 accumulated into one optimiser step per pass, --num-inner-epochs 2; the advantage options of each script.
-PASSES = [*TINY[:6], "--num-steps", 4, "--timestep-fraction", 0.5, "--sample-batch-size", 4, "--num-batches-per-epoch", 1,
+PASSES = [*TINY[:6], "--num-steps", 4, "--timestep-fraction", 0.5, "--sample-batch-size", 4, "--num-batches-per-epoch",
+          1,
           "--train-batch-size", 2, "--gradient-accumulation-steps", 2, "--num-inner-epochs", 2, "--num-epochs", 1,
           "--image-every", 0, "--save-every", 0, "--learning-rate", 1e-2]
 ADVANTAGE_OPTIONS = {"ppo": ["--adv-clip-max", 1], "loop": ["--k", 2, "--normalize-advantages"],
@@ -129,7 +132,8 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path,
         return torch.cat(moments) / (1 - beta1)
 
     g_two, g_one = gradient(two), gradient(one)
-    assert g_one.numel() == sum(v.numel() for v in lora_weights(tmp_path / "one" / "checkpoints" / "epoch_0001").values())
+    weights = lora_weights(tmp_path / "one" / "checkpoints" / "epoch_0001")
+    assert g_one.numel() == sum(v.numel() for v in weights.values())
     assert g_one.norm() > 0
     assert_close_normwise(g_two, g_one)
 
@@ -162,12 +166,15 @@ def test_bad_input_fails_in_one_line(tmp_path, script, args, message):
 
 
 def test_damaged_resume_and_nan_reward_leave_the_checkpoint_intact(tmp_path, monkeypatch):
-    run("loop", *TINY, "--num-epochs", 1, "--output-dir", tmp_path, "--run-name", "good", "--gradient-accumulation-steps", 1)
+    run("loop", *TINY, "--num-epochs", 1, "--output-dir", tmp_path, "--run-name", "good",
+        "--gradient-accumulation-steps", 1)
     ckpt = tmp_path / "good" / "checkpoints" / "epoch_0001"
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     # a non-finite reward stops the run before any update or save (in-process, with a patched reward)
-    monkeypatch.setitem(rewards.REWARDS, "color", rewards.free(lambda images, prompts: torch.full((images.shape[0],), float("nan"))))
-    argv = [*TINY, "--num-epochs", 3, "--output-dir", tmp_path, "--resume", tmp_path / "good", "--gradient-accumulation-steps", 1]
+    monkeypatch.setitem(rewards.REWARDS, "color",
+                        rewards.free(lambda images, prompts: torch.full((images.shape[0],), float("nan"))))
+    argv = [*TINY, "--num-epochs", 3, "--output-dir", tmp_path, "--resume", tmp_path / "good",
+            "--gradient-accumulation-steps", 1]
     monkeypatch.setattr(sys, "argv", ["loop.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
         run_here("loop")

@@ -17,7 +17,8 @@ def rendered(seed: int, n: int, p_two: float = 0.5):
 
 
 def swapped(prompt: str) -> str:
-    """'a blue square and a yellow triangle' -> 'a blue triangle and a yellow square' (colours swapped between shapes)."""
+    """'a blue square and a yellow triangle' -> 'a blue triangle and a yellow square' (colours swapped between
+    shapes)."""
     a, b = world.parse(prompt)
     return world.caption([Obj(a.color, b.shape), Obj(b.color, a.shape)])
 
@@ -90,7 +91,8 @@ def test_reward_is_the_product_of_the_objects_credits_and_penalises_extra_object
     wrong_shape = world.reward(one((BLUE_SQUARE, 9, 9, 12), (Obj("yellow", "circle"), 23, 22, 12)), PROMPT).item()
     one_colour = world.reward(one((BLUE_SQUARE, 9, 9, 12), (Obj("blue", "triangle"), 23, 22, 12)), PROMPT).item()
     swap = world.reward(one((Obj("blue", "triangle"), 9, 9, 12), (Obj("yellow", "square"), 23, 22, 12)), PROMPT).item()
-    extra = world.reward(one((BLUE_SQUARE, 8, 8, 10), (YELLOW_TRIANGLE, 23, 22, 10), (Obj("red", "circle"), 8, 24, 10)), PROMPT).item()
+    extra = world.reward(one((BLUE_SQUARE, 8, 8, 10), (YELLOW_TRIANGLE, 23, 22, 10), (Obj("red", "circle"), 8, 24, 10)),
+                         PROMPT).item()
     nothing = world.reward(torch.full((1, 3, 32, 32), 0.5), PROMPT).item()
     assert both > 0.95 and nothing == 0.0
     assert only_square == 0.0 and one_colour == 0.0  # a named colour missing: nothing, however right the rest

@@ -156,7 +156,8 @@ OTHER = "other"  # the colour of a region of non-background pixels that matches 
 
 
 def parse(prompt: str) -> list:
-    """The objects a prompt names: 'a blue square and a yellow triangle' -> [Obj(blue, square), Obj(yellow, triangle)]."""
+    """The objects a prompt names: 'a blue square and a yellow triangle' -> [Obj(blue, square), Obj(yellow,
+    triangle)]."""
     return [Obj(c, s) for c, s in PHRASE.findall(prompt.lower())]
 
 

@@ -11,8 +11,8 @@ Then it writes a diffusers folder (model_index.json, unet/, vae/, text_encoder/,
 that `StableDiffusionPipeline.from_pretrained` and every script (`--model shapes` or `--model PATH`) load,
 and prints how often samples are right (`world.judge`) for single- and two-object prompts.
 
-    python -m world.pretrain                              # the committed recipe into runs/shapes_model: ~29 min on 2 cores
-    python -m world.pretrain --out world/shapes --overwrite   # remake the committed model in place
+    python -m world.pretrain                              # the committed recipe into runs/shapes_model: ~29 min on 2
+    cores python -m world.pretrain --out world/shapes --overwrite   # remake the committed model in place
     python -m world.pretrain --out /tmp/shapes --unet-steps 500 --vae-steps 300 --decoder-steps 100  # smoke test
     python -m world.pretrain --device cuda --out /tmp/shapes  # a few minutes on a GPU (other weights)
 
@@ -100,7 +100,8 @@ def check_out_and_device(args, out: Path, need):
     """Shared by both pretraining scripts: an --out inside a committed model folder needs --overwrite, and the device
     must be one the training runs on."""
     inside = [d for d in (common.SHAPES_DIR, common.SHAPES_FLOW_DIR) if d in out.resolve().parents]
-    need(not inside or args.overwrite, f"--out {out} is inside the committed model folder {inside[0] if inside else ''};"
+    need(not inside or args.overwrite,
+         f"--out {out} is inside the committed model folder {inside[0] if inside else ''};"
          f" choose an --out under runs/, or add --overwrite if you mean to change the committed model")
     try:
         kind = torch.device(args.device).type
@@ -203,7 +204,8 @@ def train_vae(vae, args, rng):
         opt.step()
         if step % 250 == 0 or step == total - 1:
             err = (recon - x).abs().mean().item() * 127.5  # mean absolute error in 0-255 levels
-            log(f"vae {step:5d}/{total} mse {mse.item():.5f} kl {kl.item():.3f} |err| {err:.2f}/255 ({time.time() - t0:.0f} s)")
+            log(f"vae {step:5d}/{total} mse {mse.item():.5f} kl {kl.item():.3f} |err| {err:.2f}/255 "
+                f"({time.time() - t0:.0f} s)")
     vae.requires_grad_(False).eval()
 
 

@@ -47,7 +47,8 @@ TOKENS = 16  # CLIP tokens per caption: "a magenta triangle and a yellow circle"
 @dataclass
 class Args:
     out: str = "runs/shapes_flow_model"
-    """the diffusers folder to write, when the run is complete (world/shapes_flow is the committed model: --overwrite)"""
+    """the diffusers folder to write, when the run is complete (world/shapes_flow is the committed model:
+    --overwrite)"""
     overwrite: bool = False
     """replace --out if it already holds files (the committed model included)"""
     vae: str = str(world.MODEL_DIR)
@@ -121,7 +122,8 @@ def check(args: Args):
 
 def build(args: Args):
     """The untrained StableDiffusion3Pipeline: tiny-sd3's text encoders, the shapes VAE, a fresh transformer."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
 
     text = common.offline_pipeline(common.TINY_SD3, seed=0)
     tokenizer = copy.deepcopy(text.tokenizer)
