@@ -11,8 +11,10 @@ from helpers import ROOT
 # reinforce/ppo +1: the on-policy warning is in the scripts that have a clip range, and reinforce.py has none.
 # ppo/dpok +10 (--timesteps-per-call): DPOK trains on buffer transitions, one UNet call per micro-batch already, so it
 # has no --timesteps-per-call and no loop over chunks of a trajectory's timesteps.
-BUDGETS = {("reinforce", "ppo"): 111, ("ppo", "loop"): 70, ("ppo", "score_as_action"): 250,
-           ("ppo", "dpok"): 350}
+# Re-set once after the scripts were reflowed to read at 100 columns (CONTRIBUTING.md, "Style"): each budget is the
+# measured diff (before the reflow: 111, 69, 239 and 350); a method line that is split in two counts twice.
+BUDGETS = {("reinforce", "ppo"): 119, ("ppo", "loop"): 74, ("ppo", "score_as_action"): 275,
+           ("ppo", "dpok"): 398}
 SCRIPTS = ["reinforce", "ppo", "loop", "dpok", "score_as_action"]
 
 

@@ -176,6 +176,31 @@ def test_value_net_starts_at_zero_and_learns():
     assert loss.item() < 1e-2
 
 
+@pytest.mark.parametrize("clip", ["its own", "none"])
+def test_fit_value_steps_by_the_value_networks_own_clipped_gradient(monkeypatch, clip):
+    """`fit_value`: one optimiser step per minibatch of states, on the MSE of the structured value to the targets,
+    with V_phi's gradient clipped to VALUE_MAX_GRAD_NORM (the reference's 1.0), not to the policy's --max-grad-norm.
+    With SGD at learning rate 1 the step is the clipped gradient: its norm is the clip exactly; with the clip taken
+    out the same step is many times longer, so the clip is what holds it."""
+    own = saa.VALUE_MAX_GRAD_NORM
+    if clip == "none":
+        monkeypatch.setattr(saa, "VALUE_MAX_GRAD_NORM", math.inf)
+    torch.manual_seed(0)
+    net, (n, steps) = saa.ValueNet(4, 32), (3, 2)
+    samples = dict(latents=torch.randn(n, steps + 1, 4, 8, 8), embeds=torch.randn(n, 77, 32),
+                   x0_rewards=torch.zeros(n, steps))
+    targets = torch.full((n, steps), 100.0)  # far from V = 0: a gradient norm far above 1
+    before = torch.cat([p.detach().flatten() for p in net.parameters()])
+    losses = saa.fit_value(net, torch.optim.SGD(net.parameters(), lr=1.0), samples, torch.tensor([901, 401]),
+                           targets, 1000, epochs=1, batch_size=n * steps, generator=torch.Generator().manual_seed(0))
+    step = (torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm()
+    assert len(losses) == 1 and losses[0] > 0
+    if clip == "none":
+        assert step > 10 * own
+    else:  # clip_grad_norm_ scales by max_norm / (norm + 1e-6): the step is the clip to float32 rounding
+        torch.testing.assert_close(step, torch.tensor(own), rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The script end to end
 # ----------------------------------------------------------------------------------------------------
