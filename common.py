@@ -526,23 +526,6 @@ def resolve_precision(mixed_precision: str, device) -> str:
     return mixed_precision
 
 
-def model_family(model: str) -> str:
-    """"flow" for an SD 3.x model, "sd" for SD 1.x/2.x, read from the offline name or the folder's (or the local hub
-    cache's) model_index.json without loading any weights; a model that cannot be found stops here, in one line."""
-    if model in (TINY, SD15_RANDOM, SHAPES):
-        return "sd"
-    if model in (TINY_SD3, SD35M_RANDOM, SHAPES_FLOW):
-        return "flow"
-    from diffusers import DiffusionPipeline
-
-    try:
-        name = DiffusionPipeline.load_config(model).get("_class_name", "")
-    except (OSError, ValueError) as e:
-        fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local Hugging "
-             f"Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local folder.")
-    return "flow" if name.startswith("StableDiffusion3") else "sd"
-
-
 def load_pipeline(
     model: str,
     device: Union[str, torch.device] = "cpu",
@@ -667,8 +650,7 @@ def latent_size(net_config, scale: int, flow: bool, resolution: Optional[int] = 
 
 
 def latent_side(pipe) -> int:
-    """The side of the latents `sample` and `evaluate` draw: the resolution `load_pipeline` was given, else the
-    family's default (`latent_size`)."""
+    """The latents' side for `sample`: from the resolution `load_pipeline` was given, else the family's default."""
     size = getattr(pipe, "rl_latent_size", None)
     return size or latent_size(denoiser(pipe).config, vae_scale(pipe.vae.config), is_flow(pipe))
 
@@ -707,11 +689,8 @@ def autocast(device: torch.device, mixed_precision: str):
 
 
 def speed_flags(device: torch.device):
-    """TF32 matmuls and convolutions on GPU (ddpo-pytorch's `allow_tf32 = True`): no effect on the algorithm.
-
-    cuDNN autotuning (`cudnn.benchmark`) is left off, PyTorch's default and the references': it picks convolution
-    kernels by timing them, which adds run-to-run variation on GPU for a gain nobody has measured here.
-    """
+    """TF32 matmuls and convolutions on GPU (ddpo-pytorch's `allow_tf32 = True`): no effect on the algorithm. cuDNN
+    autotuning (`cudnn.benchmark`) stays off, PyTorch's default and the references': it adds run-to-run variation."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

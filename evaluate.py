@@ -212,7 +212,7 @@ def sampler(args: Args, record: dict) -> dict:
     for name in SAMPLER:
         flag = "--" + name.replace("_", "-")
         value = getattr(args, name) if getattr(args, name) is not None else record["experiment"].get(name)
-        rules = {**cli.FLAG_RULES, **cli.ETA_RULES[common.model_family(record["flags"]["model"])]}
+        rules = {**cli.FLAG_RULES, **cli.ETA_RULES[runs.model_family(record["flags"]["model"])]}
         requirement, ok = rules[name]
         if value is None:
             cli.fail(f"the checkpoint does not record {flag}; pass {flag}")

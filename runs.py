@@ -40,12 +40,29 @@ from cli import fail, one_line
 # ----------------------------------------------------------------------------------------------------
 
 
+def model_family(model: str) -> str:
+    """"flow" for an SD 3.x model, "sd" for SD 1.x/2.x, read from the offline name or the folder's (or the local hub
+    cache's) model_index.json without loading any weights; a model that cannot be found stops here, in one line."""
+    if model in (common.TINY, common.SD15_RANDOM, common.SHAPES):
+        return "sd"
+    if model in (common.TINY_SD3, common.SD35M_RANDOM, common.SHAPES_FLOW):
+        return "flow"
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(model).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        fail(f"model {model!r} could not be loaded: it is not a local diffusers folder and not in the local Hugging "
+             f"Face cache ({type(e).__name__}). Use --model tiny for the offline model, or pass a local folder.")
+    return "flow" if name.startswith("StableDiffusion3") else "sd"
+
+
 def fill_family_defaults(args, sd_defaults: dict):
     """Set the sampling flags left unset (None) to the loaded model family's values: `sd_defaults` (over
     SD_COMMON_DEFAULTS) on SD 1.x/2.x, FLOW_DEFAULTS on SD 3.x; a value given on the command line is kept. An unset
     --eval-eta stays unset on SD 1.x/2.x (the scripts then evaluate with --eta, as they always have). Then --eta and
     --eval-eta are checked against the family's rule (ETA_RULES)."""
-    family = common.model_family(args.model)
+    family = model_family(args.model)
     for name, value in (cli.FLOW_DEFAULTS if family == "flow" else {**cli.SD_COMMON_DEFAULTS, **sd_defaults}).items():
         if getattr(args, name, False) is None:
             setattr(args, name, value)
