@@ -67,7 +67,7 @@ def test_every_chunking_of_the_trained_timesteps_gives_the_same_gradient(script,
     for per_call in (1, 3, None):  # the reference's loop; uneven chunks (3 + 1); the CPU default, all 4 in one call
         flag = ["--timesteps-per-call", per_call] if per_call else []
         g = run_main(script, *argv, *flag, "--output-dir", tmp_path, "--run-name", str(per_call))
-        assert g["chunk"] == (per_call or 4) and g["global_step"] == 1
+        assert g["steps_per_call"] == (per_call or 4) and g["global_step"] == 1
         beta1 = g["optimizer"].param_groups[0]["betas"][0]
         grads[per_call] = torch.cat([g["optimizer"].state[p]["exp_avg"].flatten() for p in g["params"]]) / (1 - beta1)
         metrics[per_call] = g["metrics"]

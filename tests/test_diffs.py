@@ -13,8 +13,8 @@ from helpers import ROOT
 # has no --timesteps-per-call and no loop over chunks of a trajectory's timesteps.
 # Re-set once after the scripts were reflowed to read at 100 columns (CONTRIBUTING.md, "Style"): each budget is the
 # measured diff (before the reflow: 111, 69, 239 and 350); a method line that is split in two counts twice.
-BUDGETS = {("reinforce", "ppo"): 119, ("ppo", "loop"): 74, ("ppo", "score_as_action"): 275,
-           ("ppo", "dpok"): 398}
+BUDGETS = {("reinforce", "ppo"): 119, ("ppo", "loop"): 74, ("ppo", "score_as_action"): 277,
+           ("ppo", "dpok"): 400}
 SCRIPTS = ["reinforce", "ppo", "loop", "dpok", "score_as_action"]
 
 

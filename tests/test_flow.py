@@ -240,7 +240,7 @@ def test_score_as_actions_flow_kl_is_the_exact_step_kl_summed_over_dimensions_an
     embeds, neg = common.encode_prompts(pipe, ["a red image", "a blue image"]), common.encode_prompts(pipe, [""])
     traj = common.sample(pipe, embeds, neg, num_steps=3, guidance=5.0, eta=0.7, return_pred_x0=True, decode=False,
                          generator=[torch.Generator().manual_seed(i) for i in range(2)])
-    kl = saa.sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg, num_steps=3, guidance=5.0, eta=0.7, chunk=6)
+    kl = saa.sampled_kl(pipe, traj.latents, traj.timesteps, embeds, neg, num_steps=3, guidance=5.0, eta=0.7, per_call=6)
     assert kl.shape == (2, 3) and (kl > 0).all()
     x, t = traj.latents[:, :-1].flatten(0, 1), traj.timesteps.repeat(2)  # the same 6 rows in one call, as sampled_kl
     c = embeds.repeat_interleave(3, dim=0)

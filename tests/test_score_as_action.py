@@ -99,7 +99,7 @@ def test_denoised_rewards_are_of_each_states_tweedie_estimate(tiny, embeds):
     texts, emb, neg = embeds
     traj = common.sample(tiny, emb, neg, num_steps=4, guidance=5.0, eta=1.0, generator=torch.Generator().manual_seed(0),
                          return_pred_x0=True)
-    x0_rewards = saa.denoised_rewards(tiny, rewards.color, traj.pred_x0, texts, chunk=5)  # (3, 4); chunks span rows
+    x0_rewards = saa.denoised_rewards(tiny, rewards.color, traj.pred_x0, texts, per_call=5)  # (3, 4); calls span rows
     for k in range(4):
         images = common.decode_latents(tiny, traj.pred_x0[:, k])
         torch.testing.assert_close(x0_rewards[:, k], rewards.color(images, texts))
@@ -143,11 +143,11 @@ def test_kl_running_reward_is_zero_at_init_and_positive_after_a_change(tiny, emb
     _, emb, neg = embeds
     kw = dict(num_steps=3, guidance=5.0, eta=1.0)
     traj = common.sample(tiny, emb, neg, **kw, generator=torch.Generator().manual_seed(1))
-    kl = saa.sampled_kl(tiny, traj.latents, traj.timesteps, emb, neg, **kw, chunk=2)  # chunks across trajectories
+    kl = saa.sampled_kl(tiny, traj.latents, traj.timesteps, emb, neg, **kw, per_call=2)  # calls across trajectories
     assert kl.shape == (3, 3) and torch.equal(kl, torch.zeros(3, 3))  # LoRA B = 0: the policy is the pretrained model
     perturb_lora(tiny.unet, seed=3)
     try:
-        kl = saa.sampled_kl(tiny, traj.latents, traj.timesteps, emb, neg, **kw, chunk=9)
+        kl = saa.sampled_kl(tiny, traj.latents, traj.timesteps, emb, neg, **kw, per_call=9)
         assert (kl > 0).all()
         # by hand at one state: 1/2 ||s_theta - s_pre||^2 log(alphabar_{t'} / alphabar_t), t' the next timestep
         x, t = traj.latents[:, 1], traj.timesteps[1]
