@@ -152,3 +152,13 @@ def test_the_repository_cites_only_what_a_reader_can_open():
             if private.search(line):
                 found.append(f"{name}:{number}: {line.strip()[:100]}")
     assert not found, "\n".join(found)
+
+
+def test_the_main_loops_read_at_100_columns():
+    """CONTRIBUTING.md, "Style": the scripts' main loops (sampling, advantages, the training step, the logging) are
+    written to read without a scroll, at 100 columns; the linter holds the rest of the project to 120."""
+    for s in (s for s in SCRIPTS if present(s)):
+        text = (ROOT / f"{s}.py").read_text()
+        start = text[: text.index('if __name__ == "__main__":')].count("\n") + 1
+        long = [start + i for i, line in enumerate(text.splitlines()[start - 1 :]) if len(line) > 100]
+        assert not long, f"{s}.py: lines {long} pass 100 columns"
