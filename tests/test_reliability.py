@@ -416,6 +416,80 @@ def test_class_every_wait_is_bounded_a_stopped_torchrun_process(tmp_path):
     assert "unbound_buffer" not in proc.stderr  # no gloo traceback from the process that waited
 
 
+PEER_FAILS = """import os, runpy, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import rewards
+how, ready, calls = sys.argv[2], sys.argv[3], []
+def color(images, prompts):  # process 1 fails in epoch 1 (its 2nd call), once process 0 has saved epoch 1's checkpoint
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        deadline = time.time() + 120
+        while not os.path.isdir(ready) and time.time() < deadline:
+            time.sleep(0.1)
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError("the reward server is down")
+    return rewards.color(images, prompts)
+rewards.REWARDS["color"] = rewards.free(color, prompts=rewards.REWARDS["color"].prompts)
+sys.argv = sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_class_torchrun_a_failed_process_is_named_and_every_survivor_names_the_newest_checkpoint(tmp_path, how):
+    """When one torchrun process failed (its reward raised, or it was killed), the survivor printed gloo's raw
+    "Connection closed by peer" traceback (or, when torchrun's SIGTERM came during its exit, a traceback from the
+    cleanup at exit) and no line naming the newest checkpoint. Now each process's stderr (torchrun --redirects keeps
+    them apart) ends in one line and holds no traceback: the failed process names its own cause, the survivor names
+    which process failed and why (told through the job's store; a killed one cannot tell: "another process") and the
+    newest checkpoint to resume."""
+    out, logs = tmp_path / "runs", tmp_path / "logs"
+    newest = out / "r" / "checkpoints" / "epoch_0001"
+    (tmp_path / "fail.py").write_text(PEER_FAILS)
+    argv = [*QUICK, "--num-epochs", 3, "--save-every", 1, "--output-dir", out, "--run-name", "r"]
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--log-dir", str(logs), "--redirects", "2", str(tmp_path / "fail.py"), str(ROOT), how,
+                           str(newest), str(ROOT / "ppo.py"), *map(str, argv)], cwd=ROOT,
+                          env={**OFFLINE, "DIFFUSION_RL_TIMEOUT": "20"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    stderr = {int(p.parent.name): p.read_text() for p in logs.glob("*/attempt_0/*/stderr.log")}
+    assert sorted(stderr) == [0, 1], proc.stderr[-2000:]
+    lines = {rank: [x for x in text.replace("\r", "\n").splitlines() if x.strip()] for rank, text in stderr.items()}
+    errors = {rank: [x for x in rank_lines if x.startswith("error")] for rank, rank_lines in lines.items()}
+    for rank, text in stderr.items():
+        assert "Traceback" not in text, f"process {rank}: {text[-3000:]}"
+        assert not [x for x in lines[rank] if not x.startswith("error") and re.search("gloo|Connection|Process", x)]
+    cause = "reward 'color' raised ValueError: the reward server is down"
+    assert len(errors[0]) == 1 and f"; the newest checkpoint is {newest}; continue with the same flags" in errors[0][0]
+    if how == "raise":
+        assert errors[1] == [f"error: process 1: {cause}; no update was made with these samples and earlier "
+                             f"checkpoints are intact: fix the reward function"], errors[1]
+        assert f"process 1 failed: {cause}" in errors[0][0], errors[0]  # the survivor says which process and why
+    else:
+        assert errors[1] == [] and "another process" in errors[0][0], errors  # killed: nothing to say, nothing said
+    assert newest.is_dir() and not newest.with_name("epoch_0002").exists()
+
+
+LATE_SIGTERM = """import atexit, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import common
+common.exit_in_one_line(lambda: "what to do")
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)))  # torchrun's SIGTERM, during the exit
+raise KeyboardInterrupt
+"""
+
+
+def test_class_torchrun_a_sigterm_during_the_exit_adds_no_traceback(tmp_path):
+    """torchrun sends SIGTERM to every process once one has failed; a survivor that had printed its line and was in its
+    cleanup at exit raised KeyboardInterrupt there ("Exception ignored in atexit callback" and a traceback; in one of
+    two runs of the test above before the fix). Once the handler has printed its line, SIGTERM is ignored."""
+    (tmp_path / "late.py").write_text(LATE_SIGTERM)
+    proc = subprocess.run([PYTHON, str(tmp_path / "late.py"), str(ROOT)], cwd=ROOT, env=OFFLINE, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.split() == "error: interrupted; what to do".split(), proc.stderr
+
+
 def test_class_every_wait_is_bounded_prompt_pipes(tmp_path, monkeypatch):
     """`--prompt-file <(printf ...)` said "holds no prompts" (the pipe was read once per use, and only the first read
     sees its text); a FIFO no program writes blocked forever at open. Now a pipe is read once and kept, and a FIFO
