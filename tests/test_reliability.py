@@ -627,11 +627,35 @@ def test_class_benchmarks_and_world_tools_check_their_arguments_as_the_scripts_d
             fn(*bad)
 
 
-# Every benchmark and world tool that computes, with its smallest flags and its DEFAULT output location. A tool that
-# writes nothing (train_step) is here too: a default that later writes must write under runs/. Still to add:
-# benchmarks/study.py (its default --out moves to runs/study on main), and demo_seeds.py / evaluate.py /
-# prompt_pairs.py / throughput.py, whose smallest runs need a trained shapes checkpoint or take minutes on 2 cores
-# (demo_seeds' default --out is runs/demo_seeds; evaluate prints unless given --out; the other two write nothing).
+def test_class_a_second_study_on_the_same_out_leaves_the_first_ones_runs_alone(tmp_path):
+    """A second benchmarks/study.py on the --out of a running one removed the first one's run in progress (its rmtree
+    came before the run's own lock refused it) and both failed. Now a study takes --out's lock before anything else:
+    the second stops in one line, and nothing in --out changes."""
+    import fcntl
+
+    out = tmp_path / "study"
+    (out / "runs" / "loop_k4__1__0123abcd" / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    (out / "runs" / "loop_k4__1__0123abcd" / "events.out").write_text("the first study's run, in progress")
+    (out / "evals.csv").write_text("method,seed\n")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fd = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the first study, running
+    try:
+        proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "study.py"), "--quick", "--methods", "loop_k4",
+                               "--jobs", "1", "--out", str(out)], cwd=ROOT, env=OFFLINE, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: another study is running on --out {out}; wait for it to end, or give another --out"), proc.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".study.lock"} \
+        == before
+
+
+# Every benchmark and world tool that computes, with its smallest flags and its DEFAULT output location, in this order
+# (evaluate scores the run demo_seeds wrote). Tools that write nothing (train_step, sampling, prompt_pairs, evaluate
+# without --out, throughput, whose runs go to a temporary folder) are here too: a default that later writes must write
+# under runs/. throughput's default --ref is a commit of this project's history, which the fresh copy lacks: HEAD.
 DEFAULT_OUTPUTS = [
     ["benchmarks/train_step.py", "--model", "tiny", "--batch", "2", "--device", "cpu", "--warmup", "0", "--num-steps",
      "2", "--ratio-precisions", "no"],
@@ -640,6 +664,14 @@ DEFAULT_OUTPUTS = [
     ["-m", "world.pretrain_flow", "--threads", "1", "--steps", "2", "--batch", "4", "--num-latents", "16",
      "--eval-images", "2", "--eval-steps", "2", "--layers", "2"],
     ["benchmarks/study.py", "--quick", "--methods", "loop_k4", "--jobs", "1"],  # its --out was benchmarks/study
+    ["benchmarks/sampling.py", "--num-steps", "2", "--batch", "2", "--repeats", "1"],
+    ["benchmarks/demo_seeds.py", "--seeds", "42", "--jobs", "1", "--extra=--num-epochs 1 --num-steps 2 "
+     "--sample-batch-size 8 --train-batch-size 8 --image-every 0 --eval-num-steps 2"],  # runs/demo_seeds/seed42
+    ["benchmarks/evaluate.py", "runs/demo_seeds/seed42", "--prompts", "shapes_eval", "--images", "2", "--steps", "2",
+     "--kl-steps", "2", "--threads", "1"],
+    ["benchmarks/prompt_pairs.py", "--images", "2", "--count", "1", "--max-judged", "1", "--min-spread", "0",
+     "--threads", "1"],
+    ["benchmarks/throughput.py", "--ref", "HEAD", "--settings", "study", "--epochs", "2", "--threads", "1"],
 ]
 
 
