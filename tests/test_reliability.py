@@ -416,43 +416,48 @@ def test_class_every_wait_is_bounded_a_stopped_torchrun_process(tmp_path):
     assert "unbound_buffer" not in proc.stderr  # no gloo traceback from the process that waited
 
 
-PEER_FAILS = """import os, runpy, signal, sys, time
+PEER_FAILS = """import glob, os, runpy, signal, sys, time, types
 sys.path.insert(0, sys.argv[1])
-import rewards
-how, ready, calls = sys.argv[2], sys.argv[3], []
-def color(images, prompts):  # process 1 fails in epoch 1 (its 2nd call), once process 0 has saved epoch 1's checkpoint
+import rewards, runs
+how, failing, out, calls = sys.argv[2], sys.argv[3], sys.argv[4], []
+def color(images, prompts):  # process `failing` fails in epoch 1 (its 2nd call), once epoch 1's checkpoint is saved
     calls.append(1)
-    if os.environ["RANK"] == "1" and len(calls) == 2:
+    if os.environ["RANK"] == failing and len(calls) == 2:
         deadline = time.time() + 120
-        while not os.path.isdir(ready) and time.time() < deadline:
+        while not glob.glob(os.path.join(out, "*", "checkpoints", "epoch_0001")) and time.time() < deadline:
             time.sleep(0.1)
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise ValueError("the reward server is down")
     return rewards.color(images, prompts)
 rewards.REWARDS["color"] = rewards.free(color, prompts=rewards.REWARDS["color"].prompts)
-sys.argv = sys.argv[4:]
+if os.environ["RANK"] == "1":  # its clock is an hour ahead: the run folder's name (the start time) would differ
+    runs.time = types.SimpleNamespace(time=lambda: time.time() + 3600, strftime=time.strftime)
+sys.argv = sys.argv[5:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("how", ["raise", "kill"])
-def test_class_torchrun_a_failed_process_is_named_and_every_survivor_names_the_newest_checkpoint(tmp_path, how):
+@pytest.mark.parametrize("how,failing", [("raise", 1), ("kill", 1), ("raise", 0)])
+def test_class_torchrun_a_failed_process_is_named_and_every_survivor_names_the_newest_checkpoint(tmp_path, how,
+                                                                                                  failing):
     """When one torchrun process failed (its reward raised, or it was killed), the survivor printed gloo's raw
     "Connection closed by peer" traceback (or, when torchrun's SIGTERM came during its exit, a traceback from the
     cleanup at exit) and no line naming the newest checkpoint. Now each process's stderr (torchrun --redirects keeps
     them apart) ends in one line and holds no traceback: the failed process names its own cause, the survivor names
     which process failed and why (told through the job's store; a killed one cannot tell: "another process") and the
-    newest checkpoint to resume."""
+    newest checkpoint to resume, also when it is not the main process and its clock differs (the run folder's name,
+    which holds the start time, is the main process's)."""
     out, logs = tmp_path / "runs", tmp_path / "logs"
-    newest = out / "r" / "checkpoints" / "epoch_0001"
     (tmp_path / "fail.py").write_text(PEER_FAILS)
-    argv = [*QUICK, "--num-epochs", 3, "--save-every", 1, "--output-dir", out, "--run-name", "r"]
+    argv = [*QUICK, "--num-epochs", 3, "--save-every", 1, "--output-dir", out]
     proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "--log-dir", str(logs), "--redirects", "2", str(tmp_path / "fail.py"), str(ROOT), how,
-                           str(newest), str(ROOT / "ppo.py"), *map(str, argv)], cwd=ROOT,
+                           str(failing), str(out), str(ROOT / "ppo.py"), *map(str, argv)], cwd=ROOT,
                           env={**OFFLINE, "DIFFUSION_RL_TIMEOUT": "20"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stderr[-2000:]
+    newest = next(out.glob("*/checkpoints/epoch_0001"))
+    assert not newest.with_name("epoch_0002").exists()
     stderr = {int(p.parent.name): p.read_text() for p in logs.glob("*/attempt_0/*/stderr.log")}
     assert sorted(stderr) == [0, 1], proc.stderr[-2000:]
     lines = {rank: [x for x in text.replace("\r", "\n").splitlines() if x.strip()] for rank, text in stderr.items()}
@@ -460,15 +465,15 @@ def test_class_torchrun_a_failed_process_is_named_and_every_survivor_names_the_n
     for rank, text in stderr.items():
         assert "Traceback" not in text, f"process {rank}: {text[-3000:]}"
         assert not [x for x in lines[rank] if not x.startswith("error") and re.search("gloo|Connection|Process", x)]
-    cause = "reward 'color' raised ValueError: the reward server is down"
-    assert len(errors[0]) == 1 and f"; the newest checkpoint is {newest}; continue with the same flags" in errors[0][0]
+    cause, survivor = "reward 'color' raised ValueError: the reward server is down", 1 - failing
+    assert len(errors[survivor]) == 1, errors
+    assert f"; the newest checkpoint is {newest}; continue with the same flags" in errors[survivor][0], errors
     if how == "raise":
-        assert errors[1] == [f"error: process 1: {cause}; no update was made with these samples and earlier "
-                             f"checkpoints are intact: fix the reward function"], errors[1]
-        assert f"process 1 failed: {cause}" in errors[0][0], errors[0]  # the survivor says which process and why
+        assert errors[failing] == [f"error: process {failing}: {cause}; no update was made with these samples and "
+                                   f"earlier checkpoints are intact: fix the reward function"], errors
+        assert f"process {failing} failed: {cause}" in errors[survivor][0], errors  # which process, and why
     else:
-        assert errors[1] == [] and "another process" in errors[0][0], errors  # killed: nothing to say, nothing said
-    assert newest.is_dir() and not newest.with_name("epoch_0002").exists()
+        assert errors[failing] == [] and "another process" in errors[survivor][0], errors  # killed: it said nothing
 
 
 LATE_SIGTERM = """import atexit, os, signal, sys, time
