@@ -22,8 +22,34 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 def fail(message: str):
-    """Stop with one line on stderr and a non-zero exit (the one way bad input is reported)."""
+    """Stop with one line on stderr and a non-zero exit (the one way bad input is reported). In a torchrun job the
+    line names the process, and the others are told (`tell_the_others`)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tell_the_others(f"process {dist.get_rank()} failed: {message}")
+        message = f"process {dist.get_rank()}: {message}"
     raise SystemExit(f"error: {message}")
+
+
+# A torchrun process that fails leaves its line in the job's key-value store (torchrun's agent holds it) before it
+# exits, so that the others, which see only a closed connection or torchrun's SIGTERM, can say which process failed
+# and why. A process killed outright (SIGKILL, out of memory) leaves nothing: the others then say "another process".
+FAILED_KEY = "diffusion_rl/failed"
+
+
+def tell_the_others(line: str):
+    try:
+        dist.distributed_c10d._get_default_store().set(FAILED_KEY, " ".join(line.split()))
+    except Exception:  # noqa: BLE001 - no store (a plain run), or it is gone: the line on stderr is what matters
+        pass
+
+
+def what_the_others_said() -> Optional[str]:
+    """The line a failed process of this torchrun job left (see FAILED_KEY), or None."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return store.get(FAILED_KEY).decode(errors="replace") if store.check([FAILED_KEY]) else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def one_line(error: BaseException, limit: int = 160) -> str:
@@ -46,14 +72,26 @@ def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True, folder:
     a bug. (A sys.excepthook: it runs once the exception has unwound the program, so every `finally` has run. A refused
     write in a background writer thread is left to the main thread, to which TensorBoard's writer re-raises it.)
     `folder` is where the process writes (the run folder): a refused write without a file name is on its disk. The
-    hook itself never fails: whatever the exception carries (a bytes or str file name, none), it prints its line."""
+    hook itself never fails: whatever the exception carries (a bytes or str file name, none), it prints its line.
+    In a torchrun job a process that fails tells the others (FAILED_KEY), which then name it in their own line; once
+    the line is printed, SIGTERM (torchrun's, to every process when one fails) is ignored for the rest of the exit."""
     previous = sys.excepthook
 
     def hook(kind, error, traceback):
+        try:  # the process is ending: torchrun's SIGTERM, sent when a process fails, must not interrupt this hook or
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup at exit with a traceback of its own
+        except ValueError:  # not the main thread
+            pass
         try:
             line = describe(kind, error)
         except Exception:  # noqa: BLE001 - a handler that fails would print its own traceback over the original
             line = None
+        try:  # a failure of this process's own, in a torchrun job: tell the others
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not (
+                    issubclass(kind, KeyboardInterrupt) or peer_failed(kind, error)):
+                tell_the_others(f"process {dist.get_rank()} failed: {line or one_line(error) + ' (a traceback)'}")
+        except Exception:  # noqa: BLE001
+            pass
         if line is None:
             return previous(kind, error, traceback)
         try:
@@ -67,7 +105,13 @@ def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True, folder:
 
     def describe(kind, error) -> Optional[str]:
         if issubclass(kind, KeyboardInterrupt):
-            return f"interrupted{' by SIGTERM' if str(error) == 'SIGTERM' else ''}"
+            line = f"interrupted{' by SIGTERM' if str(error) == 'SIGTERM' else ''}"
+            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+                return line
+            other = what_the_others_said()  # torchrun ends every process with SIGTERM when one fails
+            why = f" after {other}" if other else (" (torchrun ends every process when one fails: another process "
+                                                   "failed, or the job was stopped)" if str(error) == "SIGTERM" else "")
+            return f"process {dist.get_rank()}: {line}{why}"
         if issubclass(kind, OSError) and error.errno in REFUSED_WRITES:
             name = getattr(error, "filename", None)
             where = Path(os.fsdecode(name)).absolute().parent if isinstance(name, (str, bytes, os.PathLike)) else (
@@ -84,13 +128,19 @@ def exit_in_one_line(next_step: Callable[[], str], enabled: bool = True, folder:
                 and Path(folder).absolute() in Path(os.fsdecode(name)).absolute().parents:
             return (f"the run folder {str(folder)!r} was removed or moved while the run wrote to it "
                     f"({one_line(error, 100)})")
-        if issubclass(kind, RuntimeError) and dist.is_available() and dist.is_initialized() and any(
-                sign in str(error) for sign in PEER_FAILURES):
+        if peer_failed(kind, error):
+            other = what_the_others_said()
+            if other:
+                return f"process {dist.get_rank()}: stopped because {other}"
             said = " ".join(str(error).split("] ", 1)[-1].split())[:100]  # gloo's message, without its source file
             return (f"process {os.environ.get('RANK', '?')}: another process of this torchrun job failed or stopped "
                     f"answering (RuntimeError: {said}); a process waits {collective_timeout():g} s for the others "
                     f"(set {TIMEOUT_VARIABLE} to change it)")
         return None
+
+    def peer_failed(kind, error) -> bool:
+        return issubclass(kind, RuntimeError) and dist.is_available() and dist.is_initialized() and any(
+            sign in str(error) for sign in PEER_FAILURES)
 
     def thread_hook(info):  # a writer thread (TensorBoard's) that fails hands its error to the main thread's next write
         if not (issubclass(info.exc_type, OSError) and info.exc_value.errno in REFUSED_WRITES):

@@ -580,6 +580,10 @@ def start(args, script: str, dist) -> Run:
         run_dir = home.parent / f"{home.name}__from_{checkpoint.name}__{int(time.time())}" if later or changed else home
     else:
         run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if dist.world_size > 1:  # the time in the name is process 0's: every process names the same folder when it stops
+        shared = [str(run_dir)]
+        torch.distributed.broadcast_object_list(shared, src=0, device=dist.device)
+        run_dir = Path(shared[0])
     continuing = home is not None and run_dir.resolve() == home.resolve()
     if continuing and changed:
         fail(f"--run-name {args.run_name}: --fork branches a changed experiment into a new run folder, and this is the "
