@@ -134,7 +134,8 @@ def test_raising_reward_nan_images_and_nan_rewards_are_told_apart(tmp_path, monk
     monkeypatch.setitem(rewards.REWARDS, "color", rewards.free(raises))
     line = in_process("loop", argv, monkeypatch)
     assert line.startswith("error: reward 'color' raised ValueError: the reward server is down") and "\n" not in line
-    monkeypatch.setitem(rewards.REWARDS, "color", rewards.free(lambda images, prompts: torch.full((images.shape[0],), float("nan"))))
+    monkeypatch.setitem(rewards.REWARDS, "color",
+                        rewards.free(lambda images, prompts: torch.full((images.shape[0],), float("nan"))))
     assert "returned non-finite values for finite images at epoch 0" in in_process("loop", argv, monkeypatch)
     monkeypatch.undo()
     monkeypatch.setattr(common, "decode_latents", nan_images)  # a diverged model, as the reward sees it
@@ -208,7 +209,8 @@ def test_divergence_guard_skips_counts_and_stops(tmp_path):
     run_ = runs.Run(tmp_path, {}, args)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     assert run_.step_ok(torch.tensor(1.0), scaler, 0)
-    assert not run_.step_ok(torch.tensor(float("nan")), scaler, 0) and not run_.step_ok(torch.tensor(math.inf), scaler, 0)
+    assert not run_.step_ok(torch.tensor(float("nan")), scaler, 0)
+    assert not run_.step_ok(torch.tensor(math.inf), scaler, 0)
     assert run_.step_ok(torch.tensor(2.0), scaler, 0) and run_.skipped_steps == 2  # a finite step resets the count
     (tmp_path / "checkpoints" / "epoch_0003").mkdir(parents=True)
     run_.current = [tmp_path / "checkpoints" / "epoch_0003"]  # written from the current weights
@@ -228,7 +230,8 @@ def test_the_on_policy_warning_comes_once_per_run_and_only_above_clip_over_10(tm
     run_.check_on_policy(torch.tensor(3e-5), 1e-4, 2)
     run_.check_on_policy(torch.tensor(5e-4), 1e-4, 3)  # once per run, however large later
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("warning: epoch 2: debug/ratio_dev_at_start 3.00e-05 exceeds clip/10 = 1e-05")
+    assert err.count("\n") == 1 and err.startswith("warning: epoch 2: debug/ratio_dev_at_start 3.00e-05 exceeds "
+                                                   "clip/10 = 1e-05")
     quiet = runs.Run(tmp_path, {}, None, enabled=False)  # the main process alone prints
     quiet.check_on_policy(torch.tensor(1.0), 1e-4, 0)
     assert capsys.readouterr().err == ""
@@ -258,8 +261,10 @@ def test_resume_refuses_another_script_other_flags_and_older_formats(ppo_run, tm
         (["--num-steps", 3], "--num-steps 3 here, --num-steps 2 in the checkpoint"),
         (["--guidance", 3], "--guidance 3.0 here, --guidance 5.0 in the checkpoint"),
         (["--num-epochs", 1], "it is at epoch 1 and --num-epochs is 1"),
-        (["--num-epochs", 3, "--output-dir", ppo_run.parent, "--run-name", "a"], "would overwrite its later checkpoints (epoch_0002)")]]
-    cases.append(("ppo", ["--output-dir", ppo_run.parent, "--run-name", "a"], "already holds checkpoints of another run"))
+        (["--num-epochs", 3, "--output-dir", ppo_run.parent, "--run-name", "a"],
+         "would overwrite its later checkpoints (epoch_0002)")]]
+    cases.append(("ppo", ["--output-dir", ppo_run.parent, "--run-name", "a"],
+                  "already holds checkpoints of another run"))
     old = tmp_path / "old" / "checkpoints" / "epoch_0001"  # a checkpoint from before checkpoints had a record
     shutil.copytree(ckpt, old)
     state = training_state(old)
@@ -282,9 +287,10 @@ def test_resume_from_an_older_checkpoint_branches_and_overwrites_nothing(ppo_run
     home = tmp_path / "a"
     shutil.copytree(ppo_run, home)
     before = {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}
-    assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--save-every", 1, "--resume", home / "checkpoints" / "epoch_0001"],
-                      monkeypatch) == ""
-    assert "epoch_0001 is older than its run's newest checkpoint epoch_0002: this run branches into" in capsys.readouterr().out
+    older = home / "checkpoints" / "epoch_0001"
+    assert in_process("ppo", [*QUICK, "--num-epochs", 2, "--save-every", 1, "--resume", older], monkeypatch) == ""
+    said = capsys.readouterr().out
+    assert "epoch_0001 is older than its run's newest checkpoint epoch_0002: this run branches into" in said
     assert {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
     (branch,) = [p for p in tmp_path.iterdir() if p.name.startswith("a__from_epoch_0001__")]
     a, b = lora_weights(home / "checkpoints" / "epoch_0002"), lora_weights(branch / "checkpoints" / "epoch_0002")
