@@ -618,11 +618,44 @@ def lock_study(out: Path):
     return fd
 
 
-def main(args: Args):
-    out = Path(args.out)
+def run_folder_owner(run_dir: Path):
+    """Who holds the run folder's own lock (`.NAME.lock` beside it, runs.lock: a script running there), or None.
+    Under OUT's study lock every other run folder of OUT is this study's to remove and redo."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir.parent / f".{run_dir.name}.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
+def shorten(args: Args):
+    """--quick: one seed, two epochs of 16 images at 5 steps, small final evaluations."""
     if args.quick:
         args.seeds, args.images, args.images_per_epoch, args.num_steps, args.eval_every = args.seeds[:1], 32, 16, 5, 1
         args.final_images, args.robustness_steps = 16, (3,)
+
+
+def planned_runs(out: Path, args: Args, names) -> list:
+    """Every (configuration, seed) of this invocation, with its run folder under OUT/runs."""
+    epochs = args.images // args.images_per_epoch
+    runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], Path(), epochs, args.images_per_epoch)
+            for s, n in itertools.product(args.seeds, names)]
+    for run in runs:
+        run.dir = run_folder(out, run, args)
+    return runs
+
+
+def main(args: Args):
+    out = Path(args.out)
+    shorten(args)
     names = args.methods or (QUICK if args.quick else tuple(CONFIGS))
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -649,11 +682,12 @@ def main(args: Args):
         raise SystemExit(f"error: --out {out} is not writable ({type(e).__name__}: {e.strerror}); choose another --out")
     lock = lock_study(out)  # noqa: F841 (held until exit)
     old_rows, old_finals = previous_results(out, args)
-    epochs = args.images // args.images_per_epoch
-    runs = [Run(n, s, CONFIGS[n][0], CONFIGS[n][1], Path(), epochs, args.images_per_epoch)
-            for s, n in itertools.product(args.seeds, names)] if not args.report else []
+    runs = planned_runs(out, args, names) if not args.report else []
     for run in runs:
-        run.dir = run_folder(out, run, args)
+        owner = None if finished(run, args) else run_folder_owner(run.dir)
+        if owner:  # its unfinished folder is removed and redone below: never one a script is running in
+            raise SystemExit(f"error: {run.dir} is in use by a run that is not this study's ({owner}); wait for it "
+                             f"to end, or give another --out")
     threads = max(1, 2 // args.jobs)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
