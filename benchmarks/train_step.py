@@ -21,7 +21,8 @@ sampler and the training forward in fp32, bf16 and fp16, against the clip range 
 
 On an SD 3.x model (flow matching, docs/flow.md) the same phases run through the flow path, with the transformer
 in the UNet's place and the family's sampling defaults (10 steps, guidance 4.5, noise level 0.7) for the flags
-left unset.
+left unset. Images are sampled at --resolution, as in the scripts: by default the model's native size on SD 1.x/2.x
+and Flow-GRPO's 512 px on SD 3.x (a 64 x 64 latent for SD 3.5 Medium, whose native size is 1024).
 """
 
 import contextlib
@@ -73,6 +74,9 @@ class Args:
     """classifier-free guidance scale w (default: 5 on SD 1.x/2.x, 4.5 on SD 3.x)"""
     eta: Optional[float] = None
     """DDIM eta, or on SD 3.x Flow-GRPO's noise level (default: 1, or 0.7)"""
+    resolution: Optional[int] = None
+    """image side in pixels for sampling, as the scripts' flag (default: the model's native size on SD 1.x/2.x; on
+    SD 3.x Flow-GRPO's 512, or the native size where smaller)"""
     lora_rank: int = 4
     """LoRA rank; 0 trains the whole denoiser (UNet or transformer)"""
     gradient_checkpointing: bool = False
@@ -157,7 +161,7 @@ def counting_syncs(device, counts: dict, name: str):
 def load(args, precision: str, device):
     return common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
                                 gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, seed=args.seed,
-                                channels_last=args.channels_last)
+                                channels_last=args.channels_last, resolution=args.resolution)
 
 
 def draw_prompts(args, prompts, epoch):
@@ -231,7 +235,8 @@ def unet_in_fp32(unet):
 def model_flops(pipe, rows: int, backward: bool, embeds: torch.Tensor) -> int:
     """FLOPs of one denoiser call on `rows` latents (and its backward into the trainable weights), counted by
     FlopCounterMode on a meta-device copy of the UNet or transformer: matmuls, convolutions and attention; no
-    recomputation. `embeds`: one row of the text conditioning, whose shape the counted call takes."""
+    recomputation. The latents are of the side the sampler draws (--resolution); `embeds`: one row of the text
+    conditioning, whose shape the counted call takes."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = common.denoiser(pipe)
@@ -242,7 +247,7 @@ def model_flops(pipe, rows: int, backward: bool, embeds: torch.Tensor) -> int:
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in counted.named_parameters():
         p.requires_grad_(trainable[n])
-    c, h = counted.config.in_channels, counted.config.sample_size
+    c, h = counted.config.in_channels, common.latent_side(pipe)
     x = torch.zeros(rows, c, h, h, device="meta")
     e = torch.zeros(rows, *embeds.shape[1:], device="meta")
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
@@ -325,6 +330,7 @@ if __name__ == "__main__":
         texts = draw_prompts(args, prompts, epoch)
         with phases("sampling"), counting_syncs(device, syncs if check_syncs else {}, "sampling"):
             embeds, traj = sample(args, pipe, texts, neg_embeds, precision, epoch, device)
+        latent = "x".join(map(str, traj.latents.shape[-2:]))  # as sampled: the side --resolution gives
         with phases("decode"), common.autocast(device, precision):  # ppo.py decodes inside common.sample's autocast
             images = common.decode_latents(pipe, traj.latents[:, -1])
         with phases("reward"):
@@ -379,7 +385,7 @@ if __name__ == "__main__":
           f"(CFG: the UNet sees twice as many rows) "
           f"num_steps={args.num_steps} trained_steps={num_train} "
           f"timesteps_per_call={common.timesteps_per_call(args.timesteps_per_call, num_train, device)} "
-          f"guidance={args.guidance} eta={args.eta} "
+          f"guidance={args.guidance} eta={args.eta} resolution={args.resolution or 'default'} latent={latent} "
           f"lora_rank={args.lora_rank} gradient_checkpointing={args.gradient_checkpointing} compile={args.compile} "
           f"channels_last={args.channels_last} warmup={args.warmup}")
     print(f"torch {torch.__version__}; attention processors: {', '.join(attention)} (AttnProcessor2_0 = torch SDPA); "

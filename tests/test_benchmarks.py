@@ -16,14 +16,16 @@ def table(text: str, header: str) -> dict:
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])
-def test_train_step_benchmark_prints_every_phase_and_the_on_policy_check(model):
-    """On SD 1.x and on SD 3.x (the flow path, with the transformer's FLOPs counted) alike."""
+@pytest.mark.parametrize("model,resolution,latent", [("tiny", [], "8x8"), ("tiny-sd3", ["--resolution", "32"], "16x16")])
+def test_train_step_benchmark_prints_every_phase_and_the_on_policy_check(model, resolution, latent):
+    """On SD 1.x and on SD 3.x (the flow path, with the transformer's FLOPs counted) alike; --resolution reaches the
+    sampler as in the scripts (tiny-sd3 at 32 px: 16 x 16 latents, twice its native side; tiny: its native 8 x 8)."""
     proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "train_step.py"), "--model", model, "--batch", "2",
-                           "--num-steps", "3", "--matmul-size", "256"], cwd=ROOT, env=OFFLINE, capture_output=True,
-                          text=True, timeout=600)
+                           "--num-steps", "3", "--matmul-size", "256", *resolution], cwd=ROOT, env=OFFLINE,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    assert re.search(r" latent=(\S+) ", out).group(1) == latent
     phases = table(out, "phase")
     assert list(phases) == ["sampling", "decode", "reward", "training", "optimiser", "epoch"]
     seconds = {name: float(cells[0]) for name, cells in phases.items()}
