@@ -61,7 +61,8 @@ class Args:
     guidance: Optional[float] = None
     """classifier-free guidance scale (default: the run's --guidance)"""
     eta: Optional[float] = None
-    """DDIM eta, or on an SD 3.x model the noise level of Flow-GRPO's SDE (default: the run's --eta)"""
+    """DDIM eta, or on an SD 3.x model the noise level of Flow-GRPO's SDE; 0 samples deterministically (default: the
+    sampler of the run's own evaluation: its --eval-eta where set, 0 on SD 3.x as Flow-GRPO, else its --eta)"""
     resolution: Optional[int] = None
     """image side in pixels (default: the run's --resolution, else the model family's default)"""
     batch_size: int = 8
@@ -94,8 +95,8 @@ def sample_set(pipe, prompts, neg, *, num_steps: int, guidance: float, eta: floa
     (seed, EVAL_STREAM, key, first + i), so every model, batch split and step count sees the same x_T."""
     embeds = common.encode_prompts(pipe, prompts)
     gens = [common.generator(embeds.device, seed, EVAL_STREAM, key, first + i) for i in range(len(prompts))]
-    config = common.denoiser(pipe).config
-    shape = (len(prompts), config.in_channels, config.sample_size, config.sample_size)
+    side = common.latent_side(pipe)  # at the resolution load_pipeline was given
+    shape = (len(prompts), common.denoiser(pipe).config.in_channels, side, side)
     x_T = common.draw_noise(shape, gens, embeds.device)
     return common.sample(pipe, embeds, neg, num_steps=num_steps, guidance=guidance, eta=eta, generator=gens,
                          latents=x_T), embeds
@@ -207,12 +208,19 @@ def choose_rewards(args: Args, record: dict, prompts: list) -> tuple:
 
 
 def sampler(args: Args, record: dict) -> dict:
-    """The run's --num-steps, --guidance and --eta, each unless overridden, checked by the scripts' rules."""
+    """The sampler of the run's own evaluation, each flag unless overridden: its --num-steps and --guidance, and as
+    --eta its --eval-eta where the run set one (SD 3.x: 0, the ODE, as Flow-GRPO evaluates), else its --eta. Checked
+    by the scripts' rules, --eta by the evaluation's (0 allowed: no log-probabilities are needed here)."""
     values = {}
+    experiment = record["experiment"]
+    family = runs.model_family(record["flags"]["model"])
     for name in SAMPLER:
         flag = "--" + name.replace("_", "-")
-        value = getattr(args, name) if getattr(args, name) is not None else record["experiment"].get(name)
-        rules = {**cli.FLAG_RULES, **cli.ETA_RULES[runs.model_family(record["flags"]["model"])]}
+        value = getattr(args, name)
+        if value is None:
+            value = experiment.get("eval_eta") if name == "eta" and experiment.get("eval_eta") is not None else \
+                experiment.get(name)
+        rules = {**cli.FLAG_RULES, "eta": cli.ETA_RULES[family]["eval_eta"]}
         requirement, ok = rules[name]
         if value is None:
             cli.fail(f"the checkpoint does not record {flag}; pass {flag}")

@@ -137,7 +137,7 @@ def test_a_checkpoint_trained_on_the_shapes_reward_raises_it(shapes_run, tmp_pat
     (["--images-per-prompt", "0"], "--images-per-prompt 0: must be an integer >= 1"),
     (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
     (["--num-steps", "0"], "--num-steps 0: must be an integer in [1, 1000]"),
-    (["--eta", "nan"], "--eta nan: must be in (0, 1]"),
+    (["--eta", "nan"], "--eta nan: must be in [0, 1] on an SD 1.x/2.x model"),
     (["--guidance", "inf"], "--guidance inf: must be a finite number"),
     (["--prompts", "no_such_set"], "--prompts no_such_set: neither a prompt set"),
     (["--prompts", "EMPTY"], "holds no prompts"),
@@ -161,6 +161,27 @@ def test_a_folder_that_is_no_run_and_torchrun_are_refused(tiny_run, tmp_path, mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     message = in_process("evaluate", [tiny_run], monkeypatch)
     assert message.startswith("error: evaluate.py runs in one process"), message
+
+
+def test_the_sampler_is_the_runs_own_evaluations():
+    """Without --eta, evaluate.py samples as the run's own evaluation did: with its --eval-eta where set (0 on SD 3.x,
+    the ODE), else with its --eta; --eta 0 (deterministic) is allowed, as for the evaluation, on both families."""
+    args = evaluate.Args(checkpoint="run")
+    def record(model, **experiment):
+        return {"flags": {"model": model}, "experiment": dict(num_steps=10, guidance=5.0, eta=1.0, **experiment)}
+    assert evaluate.sampler(args, record("tiny", eval_eta=None))["eta"] == 1.0
+    assert evaluate.sampler(args, record("tiny", eval_eta=0.5))["eta"] == 0.5
+    assert evaluate.sampler(args, record(common.TINY_SD3, eval_eta=0.0))["eta"] == 0.0
+    assert evaluate.sampler(evaluate.Args(checkpoint="run", eta=0.0), record("tiny"))["eta"] == 0.0
+
+
+def test_the_fixed_noise_is_drawn_at_the_runs_resolution():
+    """sample_set draws x_T at the resolution the model was loaded with (tiny-sd3 at 32 px: a 16 x 16 latent, its
+    native size being 8 x 8), as the scripts' evaluation does, not at the transformer's `sample_size`."""
+    pipe = common.load_pipeline(common.TINY_SD3, lora_rank=0, resolution=32)
+    neg = common.encode_prompts(pipe, [""])
+    traj, _ = evaluate.sample_set(pipe, ["a red square"], neg, num_steps=2, guidance=1.0, eta=0.0, seed=0)
+    assert traj.latents.shape[-2:] == (16, 16)
 
 
 def test_benchmarks_evaluate_still_runs_as_a_script():
