@@ -84,7 +84,8 @@ class Args:
     compile: bool = False
     """torch.compile the UNet (the --warmup epochs absorb the compilation)"""
     channels_last: bool = False
-    """the UNet's weights in channels-last memory format (common.load_pipeline's switch; not yet a flag of the scripts)"""
+    """the UNet's weights in channels-last memory format (common.load_pipeline's switch; not yet a flag of the
+    scripts)"""
     reward: str = "jpeg_compressibility"
     """the reward (ppo.py's default; it needs no weights)"""
     warmup: int = 1
@@ -160,7 +161,8 @@ def counting_syncs(device, counts: dict, name: str):
 
 def load(args, precision: str, device):
     return common.load_pipeline(args.model, device=device, mixed_precision=precision, lora_rank=args.lora_rank,
-                                gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, seed=args.seed,
+                                gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                                seed=args.seed,
                                 channels_last=args.channels_last, resolution=args.resolution)
 
 
@@ -175,7 +177,8 @@ def sample(args, pipe, texts, neg_embeds, precision, epoch, device):
     embeds = common.encode_prompts(pipe, texts)  # (B, 77, D), or SD 3.x's packed (B, L + 1, D)
     with common.autocast(device, precision):
         traj = common.sample(pipe, embeds, neg_embeds, num_steps=args.num_steps, guidance=args.guidance, eta=args.eta,
-                             generator=common.sample_generators(args.seed, epoch, range(len(texts)), device), decode=False)
+                             generator=common.sample_generators(args.seed, epoch, range(len(texts)), device),
+                             decode=False)
     return embeds, traj
 
 
@@ -185,7 +188,8 @@ def train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoc
     under the current weights, PPO's loss and its backward, gradients accumulated over all minibatches (without a
     `scaler`: the forward only, with gradients enabled as in training). Returns |rho - 1| and the step index of every
     evaluated transition, both flat."""
-    b, tb, num_train = len(advantages), args.train_batch_size or args.batch, max(1, int(args.num_steps * args.timestep_fraction))
+    b, tb = len(advantages), args.train_batch_size or args.batch
+    num_train = max(1, int(args.num_steps * args.timestep_fraction))
     common.denoiser(pipe).train()
     g = common.generator(device, args.seed, epoch, common.Stream.SHUFFLE)
     perm = torch.randperm(b, generator=g, device=device)
@@ -194,12 +198,14 @@ def train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoc
     for m in range(b // tb):
         idx = perm[m * tb : (m + 1) * tb]
         steps, rows = step_perm[idx], idx[:, None]  # (tb, T_train)
-        latents, next_latents, old = traj.latents[rows, steps], traj.latents[rows, steps + 1], traj.log_probs[rows, steps]
+        latents, next_latents = traj.latents[rows, steps], traj.latents[rows, steps + 1]
+        old = traj.log_probs[rows, steps]
         chunk = common.timesteps_per_call(args.timesteps_per_call, num_train, device)  # as the scripts choose
         for j in range(0, num_train, chunk):
             js = slice(j, j + chunk)
             with common.autocast(device, precision):
-                log_prob, _ = common.step_log_prob(pipe, latents[:, js], next_latents[:, js], traj.timesteps[steps[:, js]],
+                log_prob, _ = common.step_log_prob(pipe, latents[:, js], next_latents[:, js],
+                                                   traj.timesteps[steps[:, js]],
                                                    embeds[idx], neg_embeds, num_steps=args.num_steps,
                                                    guidance=args.guidance, eta=args.eta)  # (tb, n)
             if scaler is not None:
@@ -300,7 +306,8 @@ if __name__ == "__main__":
         "matmul_size": ("an integer >= 1, or omitted for the device's default", lambda v: v is None or v >= 1)})
     if args.batch < 1 or args.warmup < 0 or not 1 <= args.num_steps <= 1000 or not 0 < args.timestep_fraction <= 1:
         cli.fail("--batch >= 1, --warmup >= 0, --num-steps in [1, 1000] and --timestep-fraction in (0, 1] are required")
-    if args.train_batch_size is not None and not (1 <= args.train_batch_size and args.batch % args.train_batch_size == 0):
+    if args.train_batch_size is not None and not (
+            1 <= args.train_batch_size and args.batch % args.train_batch_size == 0):
         cli.fail(f"--train-batch-size {args.train_batch_size} must divide --batch {args.batch}")
     device = runs.setup_distributed(args.device).device  # one line for a device that is not there
     cli.exit_in_one_line(lambda: "nothing was written; run it again")  # Ctrl-C: one line
@@ -338,7 +345,8 @@ if __name__ == "__main__":
             advantages = ppo.per_prompt_advantages(stats, texts, rewards, hp.stat_buffer_size, hp.stat_min_count)
             advantages = advantages.clamp(-hp.adv_clip_max, hp.adv_clip_max)
         with phases("training"), counting_syncs(device, syncs if check_syncs else {}, "training"):
-            dev, steps = train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoch, device, hp, scaler)
+            dev, steps = train_pass(args, pipe, traj, embeds, neg_embeds, advantages, precision, epoch, device, hp,
+                                    scaler)
         if epoch == 0:  # the first epoch's is before any update
             in_run = deviation_summary(dev, steps, args.num_steps)
         with phases("optimiser"):
@@ -356,7 +364,8 @@ if __name__ == "__main__":
     # the peak in the training dtype on a GPU (fp32 matmuls run as TF32 there: speed_flags); always fp32 on a CPU, whose
     # bf16 and fp16 matmuls may have no fast kernel at all
     peak_precision = precision if device.type == "cuda" else "no"
-    peak = matmul_peak(device, common.DTYPES[peak_precision], args.matmul_size or (8192 if device.type == "cuda" else 2048))
+    peak = matmul_peak(device, common.DTYPES[peak_precision],
+                       args.matmul_size or (8192 if device.type == "cuda" else 2048))
     peak_name = "tf32" if device.type == "cuda" and precision == "no" else PRECISION_NAMES[peak_precision]
     del pipe, optimizer, traj, images, dev
 
@@ -371,7 +380,8 @@ if __name__ == "__main__":
             deviation[other] = deviation_summary(dev, steps, args.num_steps)
             if other != "no":  # the same transitions re-evaluated in fp32: the size of this precision's rounding
                 with unet_in_fp32(common.denoiser(pipe)):
-                    dev, steps = train_pass(args, pipe, traj, embeds.float(), neg_embeds.float(), zeros, "no", 0, device, hp)
+                    dev, steps = train_pass(args, pipe, traj, embeds.float(), neg_embeds.float(), zeros, "no", 0,
+                                            device, hp)
                 deviation[other]["rounding"] = deviation_summary(dev, steps, args.num_steps)
         except Exception as e:  # noqa: BLE001 - e.g. an op without a kernel in this dtype on this device: say so
             deviation[other] = dict(error=cli.one_line(e, 120))
@@ -381,8 +391,8 @@ if __name__ == "__main__":
     memory_kind = "CUDA allocator peak" if device.type == "cuda" else "peak resident set (RSS)"
     print(f"model={args.model} device={device} ({machine(device)}) threads={torch.get_num_threads()} "
           f"load_average={load_average[0]:.2f},{load_average[1]:.2f},{load_average[2]:.2f}")
-    print(f"precision={PRECISION_NAMES[precision]} batch={args.batch} train_batch_size={args.train_batch_size or args.batch} "
-          f"(CFG: the UNet sees twice as many rows) "
+    print(f"precision={PRECISION_NAMES[precision]} batch={args.batch} "
+          f"train_batch_size={args.train_batch_size or args.batch} (CFG: the UNet sees twice as many rows) "
           f"num_steps={args.num_steps} trained_steps={num_train} "
           f"timesteps_per_call={common.timesteps_per_call(args.timesteps_per_call, num_train, device)} "
           f"guidance={args.guidance} eta={args.eta} resolution={args.resolution or 'default'} latent={latent} "
@@ -404,14 +414,16 @@ if __name__ == "__main__":
           f"{100 * train_rate / peak:.1f}% of the measured {peak_name} matmul peak {peak / 1e12:.4g} TFLOP/s")
     if device.type == "cuda":
         counts = ", ".join(f"{k} {v}" for k, v in syncs.items()) if syncs else "not checked (--warmup 0)"
-        print(f"host syncs reported by torch.cuda.set_sync_debug_mode in the first epoch, whole phases with their set-up "
-              f"(one per step would be >= {args.num_steps}): {counts}")
+        print("host syncs reported by torch.cuda.set_sync_debug_mode in the first epoch, whole phases with their "
+              f"set-up (one per step would be >= {args.num_steps}): {counts}")
     print()
     print(f"on-policy deviation mean |rho - 1| before any update (clip {hp.clip:g}; the scripts warn above clip/10 = "
           f"{hp.clip / 10:g}); in the timed run ({PRECISION_NAMES[precision]}, first epoch): {in_run['mean']:.3e}.")
-    print("Each precision below from a freshly loaded model; 'rounding' re-evaluates the same transitions with the UNet in "
-          "fp32: an upper estimate of what kernels that differ between sampling and training (batch size, compile) could cause.")
-    print("| precision | mean abs(rho - 1) | worst step (1 = noisiest) | its mean | rounding: mean | rounding: worst step, its mean |")
+    print("Each precision below from a freshly loaded model; 'rounding' re-evaluates the same transitions with the "
+          "UNet in fp32: an upper estimate of what kernels that differ between sampling and training (batch size, "
+          "compile) could cause.")
+    print("| precision | mean abs(rho - 1) | worst step (1 = noisiest) | its mean | rounding: mean | rounding: worst "
+          "step, its mean |")
     print("|---|---|---|---|---|---|")
     for name in ("no", "bf16", "fp16"):
         d = deviation.get(name)
@@ -422,4 +434,5 @@ if __name__ == "__main__":
             continue
         r = d.get("rounding")
         rounding = f"{r['mean']:.3e} | {r['worst_step']}/{args.num_steps}, {r['worst']:.3e}" if r else "- | -"
-        print(f"| {PRECISION_NAMES[name]} | {d['mean']:.3e} | {d['worst_step']}/{args.num_steps} | {d['worst']:.3e} | {rounding} |")
+        print(f"| {PRECISION_NAMES[name]} | {d['mean']:.3e} | {d['worst_step']}/{args.num_steps} | {d['worst']:.3e} | "
+              f"{rounding} |")

@@ -16,7 +16,8 @@ def table(text: str, header: str) -> dict:
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
-@pytest.mark.parametrize("model,resolution,latent", [("tiny", [], "8x8"), ("tiny-sd3", ["--resolution", "32"], "16x16")])
+@pytest.mark.parametrize("model,resolution,latent",
+                         [("tiny", [], "8x8"), ("tiny-sd3", ["--resolution", "32"], "16x16")])
 def test_train_step_benchmark_prints_every_phase_and_the_on_policy_check(model, resolution, latent):
     """On SD 1.x and on SD 3.x (the flow path, with the transformer's FLOPs counted) alike; --resolution reaches the
     sampler as in the scripts (tiny-sd3 at 32 px: 16 x 16 latents, twice its native side; tiny: its native 8 x 8)."""
@@ -35,7 +36,8 @@ def test_train_step_benchmark_prints_every_phase_and_the_on_policy_check(model, 
     assert all(p > 0 for p in peaks.values()) and peaks["epoch"] == max(peaks.values())
     images_per_s = float(re.search(r"^images/s: (\S+)$", out, re.M).group(1))
     assert math.isfinite(images_per_s) and images_per_s > 0
-    flops, rate, fraction, peak = re.search(r"^training: (\S+) TFLOP \(model, forward\+backward\), (\S+) TFLOP/s = (\S+)% "
+    flops, rate, fraction, peak = re.search(r"^training: (\S+) TFLOP \(model, forward\+backward\), (\S+) TFLOP/s = "
+                                            r"(\S+)% "
                                             r"of the measured fp32 matmul peak (\S+) TFLOP/s$", out, re.M).groups()
     assert all(math.isfinite(float(v)) and float(v) > 0 for v in (flops, rate, fraction, peak))
     assert math.isclose(float(rate) / float(peak) * 100, float(fraction), rel_tol=0.05, abs_tol=0.06)
@@ -59,12 +61,14 @@ def test_study_quick_runs_every_step_and_resumes(tmp_path):
     assert {r["method"] for r in rows} == {"loop_k4", "ppo_k1"}
     for method in ("loop_k4", "ppo_k1"):
         mine = [r for r in rows if r["method"] == method]
-        assert [int(r["images"]) for r in mine] == [0, 16, 32] and [r["final"] for r in mine] == ["False", "False", "True"]
+        assert [int(r["images"]) for r in mine] == [0, 16, 32] and [r["final"] for r in mine] == ["False", "False",
+                                                                                                  "True"]
         assert int(mine[0]["unet_evals"]) == 0 < int(mine[1]["unet_evals"]) < int(mine[2]["unet_evals"])
         assert all(0 <= float(r["eval_reward"]) <= 1 for r in mine)
         assert mine[0]["eval_reward"] == rows[0]["eval_reward"]  # the same pretrained model, prompts and noise
     assert set(table((tmp_path / "table.md").read_text(), "method")) == {"loop_k4", "ppo_k1"}
-    assert (tmp_path / "reward_vs_images_and_time.png").stat().st_size > 0 and (tmp_path / "loop_reward_vs_k.png").exists()
+    assert (tmp_path / "reward_vs_images_and_time.png").stat().st_size > 0
+    assert (tmp_path / "loop_reward_vs_k.png").exists()
     final = {r["method"]: r for r in csv.DictReader(open(tmp_path / "final.csv"))}  # the final evaluation, paired
     assert set(final) == {"loop_k4", "ppo_k1"} and "reward_gain_3steps" in final["ppo_k1"]
     assert all(-1 <= float(r[k]) <= 1 for r in final.values() for k in ("reward_gain", "judged_gain", "heldout_gain"))
@@ -72,7 +76,8 @@ def test_study_quick_runs_every_step_and_resumes(tmp_path):
     assert final["loop_k4"]["reward_before"] == final["ppo_k1"]["reward_before"]  # same seed: same noise
     claims = table((tmp_path / "table.md").read_text(), "claim (a - b > 0)")
     assert claims["LOOP K=4 beats PPO (DDPO, K=1): sample efficiency"][5] == "no verdict (1 seed; at least 5)"
-    assert re.fullmatch(r"\S+ \[n/a: 1 seed\] \([01]/1\)", table((tmp_path / "table.md").read_text(), "method | seeds")["loop_k4"][1])
+    assert re.fullmatch(r"\S+ \[n/a: 1 seed\] \([01]/1\)",
+                        table((tmp_path / "table.md").read_text(), "method | seeds")["loop_k4"][1])
     again = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("skip ") == 2, again.stdout[-2000:]
     assert list(csv.DictReader(open(tmp_path / "evals.csv"))) == rows
@@ -126,14 +131,16 @@ def test_the_studys_intervals_tests_and_holm():
     assert abs(stats.t_quantile(0.995, 11) - 3.1058) < 1e-3 and abs(stats.t_cdf(-2.2010, 11) - 0.025) < 1e-4
     values = [0.1, 0.3, -0.2, 0.5, 0.0]  # mean 0.14, sd 0.2702: half-width 2.7764 * 0.2702 / sqrt(5) = 0.3355
     mean, low, high = stats.t_interval(values)
-    assert math.isclose(mean, 0.14) and math.isclose(high - mean, 0.3355, rel_tol=1e-3) and math.isclose(mean - low, high - mean)
+    assert math.isclose(mean, 0.14) and math.isclose(high - mean, 0.3355, rel_tol=1e-3) and math.isclose(mean - low,
+                                                                                                         high - mean)
     t = 0.14 / (statistics.stdev(values) / math.sqrt(5))  # on 4 degrees of freedom, P(|T| > t) = 1 - x (3 - x^2) / 2
     x = t / math.sqrt(t * t + 4)  # with x = t / sqrt(t^2 + 4)
     assert abs(stats.p_value(values) - (1 - x * (3 - x * x) / 2)) < 1e-7
     assert stats.p_value([0.0] * 5) == 1.0 and stats.p_value([0.2] * 5) == 0.0
     assert stats.bootstrap([0.2] * 5) == (0.2, 0.2, 0.2)
     mean, low, high = stats.bootstrap(values)
-    assert math.isclose(mean, 0.14) and -0.2 <= low < mean < high <= 0.5 and stats.bootstrap(values) == (mean, low, high)
+    assert math.isclose(mean,
+                        0.14) and -0.2 <= low < mean < high <= 0.5 and stats.bootstrap(values) == (mean, low, high)
     wider = stats.bootstrap(values, level=0.99)
     assert wider[1] <= low and wider[2] >= high
     # Holm on a family of four: p-values sorted, the i-th smallest judged at 0.05 / (4 - i + 1). "mid" (p 0.015, third)
@@ -148,7 +155,8 @@ def test_the_studys_intervals_tests_and_holm():
     assert order[2:] == ["mid", "none"] and all(verdicts[c]["m"] == 4 for c in family)
     assert [verdicts[c]["level"] for c in order] == [1 - 0.05 / 4, 1 - 0.05 / 3, 1 - 0.05 / 2, 1 - 0.05]
     adjusted = [verdicts[c]["p_holm"] for c in order]
-    assert adjusted == sorted(adjusted) and math.isclose(verdicts["mid"]["p_holm"], max(adjusted[1], 2 * verdicts["mid"]["p"]))
+    assert adjusted == sorted(adjusted) and math.isclose(verdicts["mid"]["p_holm"],
+                                                         max(adjusted[1], 2 * verdicts["mid"]["p"]))
     assert stats.holm({"few": [0.3, 0.31, 0.29, 0.3]})["few"]["verdict"] == "no verdict (4 seeds; at least 5)"
     assert stats.equivalence(-0.03, 0.04, 0.05) == "no difference larger than 0.05"
     assert stats.equivalence(-0.06, 0.04, 0.05) == "allows up to 0.060"
@@ -227,10 +235,12 @@ def test_the_study_adds_seeds_to_its_results_and_reports_holms_verdicts(tmp_path
     claims = table(text, "claim (a - b > 0)")
     assert {cells[0] for cells in claims.values()} == {"LOOP (5)"}  # the five LOOP claims whose runs are here
     efficiency = claims["LOOP K=4 beats PPO (DDPO, K=1): sample efficiency"]
-    assert efficiency[2] == "12" and efficiency[5] == "not established" and efficiency[6] == "no difference larger than 0.05"
+    assert efficiency[2] == "12" and efficiency[5] == "not established"
+    assert efficiency[6] == "no difference larger than 0.05"
     assert efficiency[7] == "1, 0" and re.fullmatch(r"[+-]0\.\d{3} \[[+-]0\.\d{3}, [+-]0\.\d{3}\]", efficiency[8])
     baseline = claims["the leave-one-out baseline alone: LOOP K=4 beats PPO K=4"]
-    assert baseline[5] == "established" and claims["more images per prompt alone: PPO K=4 beats PPO K=1"][5] == "contradicted"
+    assert baseline[5] == "established"
+    assert claims["more images per prompt alone: PPO K=4 beats PPO K=1"][5] == "contradicted"
     assert re.fullmatch(r"\+0\.\d{3} \[\+0\.\d{3}, \+0\.\d{3}\] \(\+0\.\d{3}, \+0\.\d{3}\)", baseline[3])
     configurations = table(text, "method | seeds")
     assert configurations["loop_k4"][5] == "1/12"
@@ -302,7 +312,8 @@ def test_prompt_pairs_picks_the_studys_task_by_its_rule():
     assert list(rows) == train
     chosen = proc.stdout.split("eligible: ")[1].splitlines()[1:4]
     # the spread is printed to 3 decimals: a pair within 0.001 of --min-spread may fall either way
-    eligible = lambda margin: [p for p, (_, spread, judged) in rows.items() if judged <= 0.67 and spread >= 0.1 + margin]
+    eligible = lambda margin: [p for p, (_, spread, judged) in rows.items()
+                               if judged <= 0.67 and spread >= 0.1 + margin]
     assert set(chosen) <= set(eligible(-0.001)) and len(chosen) == 3
     worst = max(rows[p][2] for p in chosen)  # no eligible pair outside the choice is judged right less often
     assert all(rows[p][2] >= worst for p in eligible(0.001) if p not in chosen)
