@@ -365,9 +365,9 @@ if __name__ == "__main__":
             texts = [prompts[i] for i in ids]
             # DPOK: (B, 77, D), and the pooled (B, D) for V_phi
             embeds, pooled = common.encode_prompts(pipe, texts, pooled=True)
-            noise = common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device)
+            rngs = common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device)
             with common.autocast(device, precision):
-                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, generator=noise)
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, generator=rngs)
             # (B,) the weighted sum, (B, C) its terms
             rewards, reward_terms = reward_fn(traj.images, texts, components=True)
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs,

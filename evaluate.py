@@ -213,14 +213,13 @@ def sampler(args: Args, record: dict) -> dict:
     by the scripts' rules, --eta by the evaluation's (0 allowed: no log-probabilities are needed here)."""
     values = {}
     experiment = record["experiment"]
-    family = runs.model_family(record["flags"]["model"])
+    rules = {**cli.FLAG_RULES, "eta": cli.ETA_RULES[runs.model_family(record["flags"]["model"])]["eval_eta"]}
     for name in SAMPLER:
         flag = "--" + name.replace("_", "-")
         value = getattr(args, name)
         if value is None:
             value = experiment.get("eval_eta") if name == "eta" and experiment.get("eval_eta") is not None else \
                 experiment.get(name)
-        rules = {**cli.FLAG_RULES, "eta": cli.ETA_RULES[family]["eval_eta"]}
         requirement, ok = rules[name]
         if value is None:
             cli.fail(f"the checkpoint does not record {flag}; pass {flag}")

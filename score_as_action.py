@@ -406,9 +406,9 @@ if __name__ == "__main__":
             ids = all_prompt_ids[lo : lo + args.sample_batch_size].tolist()
             texts = [prompts[i] for i in ids]
             embeds = common.encode_prompts(pipe, texts)  # (B, 77, D)
-            noise = common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device)
+            rngs = common.sample_generators(args.seed, epoch, range(lo, lo + len(ids)), device)
             with common.autocast(device, precision):
-                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, generator=noise,
+                traj = common.sample(pipe, embeds, neg_embeds, **sample_kw, generator=rngs,
                                      return_pred_x0=True)  # SaA: and Tweedie's x0_hat
                 kl = torch.zeros_like(traj.log_probs)  # SaA: (B, T) KL terms
                 if args.beta > 0:  # SaA

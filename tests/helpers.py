@@ -34,6 +34,16 @@ ACCUMULATE = {"reinforce": [], "ppo": ["--gradient-accumulation-steps", "1"],
 NETWORK_RTOL = 1e-4
 
 
+def benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the folder is not a package): its functions, without running it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, rtol: float = NETWORK_RTOL):
     """|actual - expected| <= rtol |expected| in the 2-norm over all elements."""
     error, scale = (actual - expected).norm().item(), expected.norm().item()

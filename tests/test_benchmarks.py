@@ -6,7 +6,7 @@ import re
 import subprocess
 
 import pytest
-from helpers import OFFLINE, PYTHON, ROOT
+from helpers import OFFLINE, PYTHON, ROOT, benchmark
 
 
 def table(text: str, header: str) -> dict:
@@ -87,12 +87,9 @@ def test_demo_seeds_runs_the_readme_command_and_judges_before_and_after(tmp_path
     """`benchmarks/demo_seeds.py` reads the README's main job, runs it (here shortened to one small epoch by
     --extra, which replaces the README's values) and prints a row per seed with the eval reward and the judged-right
     fraction before and after, both fractions of the 32 eval samples."""
-    import importlib.util
     import shlex
 
-    spec = importlib.util.spec_from_file_location("demo_seeds", ROOT / "benchmarks" / "demo_seeds.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = benchmark("demo_seeds")
     argv = demo.readme_command()
     readme = (ROOT / "README.md").read_text()
     assert argv[0] == "loop.py" and f"python {shlex.join(argv)}" in readme and "--seed" not in argv
@@ -111,22 +108,13 @@ def test_demo_seeds_runs_the_readme_command_and_judges_before_and_after(tmp_path
     assert (tmp_path / "seed3" / "checkpoints" / "epoch_0001").exists()
 
 
-def _module(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_studys_intervals_tests_and_holm():
     """benchmarks/stats.py: Student's t quantiles, CDF and interval against tabulated values; the paired t test's
     p-value; the expanded-percentile bootstrap (within the values' range, a point for equal values, the same at the
     same seed); Holm's step-down verdicts; the equivalence reading; no verdict below 5 seeds."""
     import statistics
 
-    stats = _module("stats")
+    stats = benchmark("stats")
     assert abs(stats.t_quantile(0.975, 4) - 2.7764) < 1e-3 and abs(stats.t_quantile(0.975, 11) - 2.2010) < 1e-3
     assert abs(stats.t_quantile(0.995, 11) - 3.1058) < 1e-3 and abs(stats.t_cdf(-2.2010, 11) - 0.025) < 1e-4
     values = [0.1, 0.3, -0.2, 0.5, 0.0]  # mean 0.14, sd 0.2702: half-width 2.7764 * 0.2702 / sqrt(5) = 0.3355
@@ -169,7 +157,7 @@ def test_the_t_interval_covers_at_the_studys_seed_counts():
     covers at least 93%; on skewed (lognormal) data and with one run in ten diverged it does not, and the test pins
     how far (within 4 standard errors of the figures the doc quotes), so the doc's caveat stays true. The bootstrap
     covers less than the t interval on symmetric and on diverging data: why the t interval is the primary one."""
-    stats = _module("stats")
+    stats = benchmark("stats")
     sims, se = 20_000, lambda p: 4 * math.sqrt(p * (1 - p) / 20_000)
     quoted = {("normal", 5): 0.952, ("normal", 12): 0.951, ("lognormal", 5): 0.816, ("lognormal", 12): 0.845,
               ("10% diverged", 5): 0.917, ("10% diverged", 12): 0.896}
@@ -187,7 +175,7 @@ def test_the_t_interval_covers_at_the_studys_seed_counts():
 def test_the_studys_images_to_target_needs_a_held_gain():
     """Reached means at least reference + gain at an evaluation after training began and at the next one: a spike
     does not count, nor does the last evaluation (no next), nor the first (before training)."""
-    study = _module("study")
+    study = benchmark("study")
     evals = lambda rewards: [(i, 16 * i, float(i), r, 0.0) for i, r in enumerate(rewards)]
     assert study.images_to_target(evals([0.5, 0.3, 0.45, 0.46, 0.2]), 0.3, 0.14) == 32  # 0.45, 0.46 >= 0.44
     assert study.images_to_target(evals([0.5, 0.5, 0.3, 0.46, 0.46]), 0.3, 0.14) == 48  # a spike at 16 images
@@ -264,7 +252,7 @@ def test_the_final_evaluations_path_kl_is_exact_and_zero_at_the_start():
 
     import common
 
-    evaluate = _module("evaluate")
+    evaluate = benchmark("evaluate")
     pipe = common.load_pipeline("tiny", "cpu", lora_rank=4)
     args = evaluate.Args(checkpoint="unused", guidance=5.0, eta=1.0, seed=3)
     neg = common.encode_prompts(pipe, [""])

@@ -15,18 +15,15 @@ worst mean over the pairs of seeds 1-3, measured with 1 thread and checked with 
 The direction of each script's update is also tested in seconds, on any CPU, by tests/test_direction.py.
 """
 
-import importlib.util
 import subprocess
 
 import pytest
-from helpers import OFFLINE, PYTHON, ROOT, scalars
+from helpers import OFFLINE, PYTHON, ROOT, benchmark, scalars
 
 # The runs are the single-prompt study's (benchmarks/study.py --prompts shapes_demo --images 320 --learning-rate
 # 3e-3: one prompt, 16 images an epoch at 10 DDIM steps, guidance 5, the per-method flags calibrated there), so its
 # table (benchmarks/study_one_prompt) and these tests share one setting, apart from the two changes below.
-_spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+study = benchmark("study")
 CONFIG = {"reinforce": "reinforce_k4", "ppo": "ppo_k4", "loop": "loop_k4", "dpok": "dpok",
           "score_as_action": "score_as_action"}
 SEEDS, IMAGES, LEARNING_RATE = (1, 2), 320, 3e-3  # 320 images: 20 epochs of 16

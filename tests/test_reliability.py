@@ -9,7 +9,7 @@ command line to check the exit status and that stderr holds no traceback."""
 
 import dataclasses
 import errno
-import importlib.util
+import importlib
 import math
 import os
 import re
@@ -19,7 +19,8 @@ import sys
 
 import pytest
 import torch
-from helpers import OFFLINE, PYTHON, ROOT, as_a_process, error_line, in_process, lora_weights, run, training_state
+from helpers import (OFFLINE, PYTHON, ROOT, as_a_process, benchmark, error_line, in_process, lora_weights, run,
+                     training_state)
 
 import cli
 import common
@@ -639,61 +640,60 @@ def test_class_benchmarks_and_world_tools_check_their_arguments_as_the_scripts_d
             fn(*bad)
 
 
-def test_class_a_second_study_on_the_same_out_leaves_the_first_ones_runs_alone(tmp_path):
-    """A second benchmarks/study.py on the --out of a running one removed the first one's run in progress (its rmtree
-    came before the run's own lock refused it) and both failed. Now a study takes --out's lock before anything else:
-    the second stops in one line, and nothing in --out changes."""
+def files(folder) -> dict:
+    """Every file below `folder` but the lock files, with its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            and not p.name.endswith(".lock")}
+
+
+def quick_study_while_held(lock, out, owner: bytes = b"") -> subprocess.CompletedProcess:
+    """benchmarks/study.py --quick on `out` while this process holds the kernel's lock on the file `lock` (as a
+    running study or script does), writing `owner` into it as runs.lock does."""
     import fcntl
 
-    out = tmp_path / "study"
-    (out / "runs" / "loop_k4__1__0123abcd" / "checkpoints" / "epoch_0001").mkdir(parents=True)
-    (out / "runs" / "loop_k4__1__0123abcd" / "events.out").write_text("the first study's run, in progress")
-    (out / "evals.csv").write_text("method,seed\n")
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    fd = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # the first study, running
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, owner)
     try:
-        proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "study.py"), "--quick", "--methods", "loop_k4",
+        return subprocess.run([PYTHON, str(ROOT / "benchmarks" / "study.py"), "--quick", "--methods", "loop_k4",
                                "--jobs", "1", "--out", str(out)], cwd=ROOT, env=OFFLINE, capture_output=True,
                               text=True, timeout=600)
     finally:
         os.close(fd)
+
+
+def test_class_a_second_study_on_the_same_out_leaves_the_first_ones_runs_alone(tmp_path):
+    """A second benchmarks/study.py on the --out of a running one removed the first one's run in progress (its rmtree
+    came before the run's own lock refused it) and both failed. Now a study takes --out's lock before anything else:
+    the second stops in one line, and nothing in --out changes."""
+    out = tmp_path / "study"
+    (out / "runs" / "loop_k4__1__0123abcd" / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    (out / "runs" / "loop_k4__1__0123abcd" / "events.out").write_text("the first study's run, in progress")
+    (out / "evals.csv").write_text("method,seed\n")
+    before = files(out)
+    proc = quick_study_while_held(out / ".study.lock", out)  # the first study, running
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"error: another study is running on --out {out}; wait for it to end, or give another --out"), proc.stderr
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".study.lock"} \
-        == before
+    assert files(out) == before
 
 
 def test_class_a_study_never_removes_a_run_folder_a_script_is_running_in(tmp_path):
     """The study removes and redoes an unfinished run folder of its --out (one an earlier study left when stopped).
     Under --out's study lock that folder is the study's, unless a script is running in it (its own lock, runs.lock):
     then the study stops in one line, before any run, and the folder is left as it is."""
-    import fcntl
-
-    spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    out = tmp_path / "study"
+    study, out = benchmark("study"), tmp_path / "study"
     args = study.Args(out=str(out), quick=True, methods=("loop_k4",), jobs=1)
     study.shorten(args)
     (run_dir,) = [run.dir for run in study.planned_runs(out, args, args.methods)]
     (run_dir / "checkpoints" / "epoch_0001").mkdir(parents=True)
     (run_dir / "events.out").write_text("a script's run, in progress")
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    fd = os.open(run_dir.parent / f".{run_dir.name}.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # the script, running
-    os.write(fd, b"pid 1234 on host since today")
-    try:
-        proc = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "study.py"), "--quick", "--methods", "loop_k4",
-                               "--jobs", "1", "--out", str(out)], cwd=ROOT, env=OFFLINE, capture_output=True,
-                              text=True, timeout=600)
-    finally:
-        os.close(fd)
+    before = files(out)
+    # the script, running
+    proc = quick_study_while_held(run_dir.parent / f".{run_dir.name}.lock", out, b"pid 1234 on host since today")
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"error: {run_dir} is in use by a run that is not this study's (pid 1234 on host since today); wait for it "
         f"to end, or give another --out"), proc.stderr
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
-    assert after == before
+    assert files(out) == before
 
 
 # Every benchmark and world tool that computes, with its smallest flags and its DEFAULT output location, in this order
