@@ -178,7 +178,7 @@ def test_value_net_starts_at_zero_and_learns():
 
 @pytest.mark.parametrize("clip", ["its own", "none"])
 def test_fit_value_steps_by_the_value_networks_own_clipped_gradient(monkeypatch, clip):
-    """`fit_value`: one optimiser step per minibatch of states, on the MSE of the structured value to the targets,
+    """`fit_value`: one optimiser step per minibatch of states, down the MSE of the structured value to the targets,
     with V_phi's gradient clipped to VALUE_MAX_GRAD_NORM (the reference's 1.0), not to the policy's --max-grad-norm.
     With SGD at learning rate 1 the step is the clipped gradient: its norm is the clip exactly; with the clip taken
     out the same step is many times longer, so the clip is what holds it."""
@@ -195,6 +195,9 @@ def test_fit_value_steps_by_the_value_networks_own_clipped_gradient(monkeypatch,
                            targets, 1000, epochs=1, batch_size=n * steps, generator=torch.Generator().manual_seed(0))
     step = (torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm()
     assert len(losses) == 1 and losses[0] > 0
+    again = saa.fit_value(net, torch.optim.SGD(net.parameters(), lr=0.0), samples, torch.tensor([901, 401]),
+                          targets, 1000, epochs=1, batch_size=n * steps, generator=torch.Generator().manual_seed(0))
+    assert again[0] < losses[0]  # the step went down the MSE, towards the targets
     if clip == "none":
         assert step > 10 * own
     else:  # clip_grad_norm_ scales by max_norm / (norm + 1e-6): the step is the clip to float32 rounding
